@@ -1,0 +1,235 @@
+"""The local generation worker: one thread owns the model; requests come through one
+bounded queue and stream text back to their own `TextStream`.
+
+The loop is the three verbs of vLLM's EngineCore.step: take a request, step it
+(prefill, then decode steps), publish its text. One request runs at a time for now; the
+request/response types are plain so the loop can grow into continuous batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from engine.chat_format import ChatFormat, make_chat_format
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenize import IncrementalDecoder, StopFilter
+from engine.loading import load_model
+from engine.sampling import sample_next
+from engine.stream import TextStream
+from engine.types import (
+    ChatMessage,
+    Completion,
+    EngineBusy,
+    EngineError,
+    FinishReason,
+    PromptTooLong,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512  # long prompts go through the model in pieces of this many tokens
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: TextStream
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class LocalEngine:
+    """Serves one model from a worker thread. Create it inside a running event loop."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        chat_format: ChatFormat,
+        *,
+        context_window: int,
+        max_queue: int = 32,
+        stall_timeout_s: float = 120.0,
+        adapter_name: str = "",
+        model_name: str = "model",
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.context_window = context_window
+        self.adapter_name = adapter_name
+        self.model_name = model_name
+        self._stall_timeout_s = stall_timeout_s
+        self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
+        self._device = next(model.parameters()).device
+        # transformers renamed the cache argument (5.2x: `cache`); accept either.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._active = 0
+        self.tokens_generated = 0
+        self._thread = threading.Thread(target=self._run, name="lorabot-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> LocalEngine:
+        """Load the configured model and start its worker (takes seconds: call it from a
+        thread if the event loop has other work)."""
+        if engine_cfg.threads:
+            torch.set_num_threads(engine_cfg.threads)
+        loaded = load_model(model_cfg)
+        chat_format = make_chat_format(
+            model_cfg.chat_format, loaded.tokenizer, extra_stop_ids=loaded.eos_token_ids
+        )
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            chat_format,
+            context_window=loaded.context_window,
+            max_queue=engine_cfg.max_queue,
+            stall_timeout_s=engine_cfg.stall_timeout_s,
+            adapter_name=loaded.adapter_name,
+            model_name=loaded.name,
+        )
+
+    # asyncio side -------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting plus the one being generated."""
+        return self._queue.qsize() + self._active
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Prompt tokens of these messages, with the generation prompt (for budgeting)."""
+        return len(self.chat_format.encode(messages))
+
+    def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> TextStream:
+        """Queue a request; raises EngineBusy at once when the queue is full and
+        PromptTooLong when the prompt leaves no room for a reply."""
+        prompt_ids = self.chat_format.encode(messages)
+        if len(prompt_ids) >= self.context_window:
+            raise PromptTooLong(
+                f"prompt is {len(prompt_ids)} tokens; the model's context is {self.context_window}"
+            )
+        stop = tuple(dict.fromkeys(params.stop + self.chat_format.stop_strings))
+        params = replace(params, stop=stop)
+        stream = TextStream(asyncio.get_running_loop(), self._stall_timeout_s)
+        try:
+            self._queue.put_nowait(Request(prompt_ids, params, stream))
+        except queue.Full:
+            raise EngineBusy(f"{self._queue.maxsize} requests are already waiting") from None
+        return stream
+
+    def close(self) -> None:
+        """Stop the worker after the request in progress (queued ones are dropped)."""
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if pending is not None:
+                pending.stream.fail(EngineError("the engine is shutting down"))
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # worker thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            request = self._queue.get()
+            if request is None:
+                return
+            if request.stream.cancelled:
+                continue
+            self._active = 1
+            try:
+                with torch.inference_mode():
+                    self._generate(request)
+            except Exception as exc:  # noqa: BLE001 - reported to the request, logged here
+                log.exception("generation failed")
+                request.stream.fail(EngineError(f"generation failed: {type(exc).__name__}"))
+            finally:
+                self._active = 0
+
+    def _generate(self, request: Request) -> None:
+        params = request.params
+        prompt = request.prompt_ids
+        budget = min(params.max_new_tokens, self.context_window - len(prompt))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self._device).manual_seed(params.seed)
+        cache = DynamicCache()
+        logits = self._prefill(prompt, cache)
+        first_token_at = 0.0
+        decoder = IncrementalDecoder(self.tokenizer)
+        stops = StopFilter(params.stop)
+        seen = torch.tensor(prompt, device=self._device)
+        generated: list[int] = []
+        text: list[str] = []
+        reason: FinishReason = "length"
+        for _ in range(budget):
+            if request.stream.cancelled:
+                reason = "cancelled"
+                break
+            token = sample_next(logits, params, seen, generator)
+            if not first_token_at:
+                first_token_at = time.perf_counter()
+            if token in self.chat_format.stop_token_ids:
+                reason = "stop"
+                break
+            generated.append(token)
+            seen = torch.cat([seen, seen.new_tensor([token])])
+            out = stops.push(decoder.push(token))
+            text.append(out)
+            request.stream.push(out)
+            if stops.stopped:
+                reason = "stop"
+                break
+            logits = self._decode_step(token, cache)
+        if reason != "cancelled":
+            tail = stops.push(decoder.flush()) + stops.flush()
+            text.append(tail)
+            request.stream.push(tail)
+        self.tokens_generated += len(generated)
+        now = time.perf_counter()
+        request.stream.finish(
+            Completion(
+                text="".join(text),
+                finish_reason=reason,
+                prompt_tokens=len(prompt),
+                completion_tokens=len(generated),
+                ttft_s=(first_token_at or now) - request.submitted,
+                total_s=now - request.submitted,
+                adapter=self.adapter_name,
+                token_ids=tuple(generated),
+            )
+        )
+
+    def _prefill(self, prompt: list[int], cache: DynamicCache) -> torch.Tensor:
+        """Run the prompt through the model in chunks; return the last position's logits."""
+        ids = torch.tensor([prompt], device=self._device)
+        logits = None
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            chunk = ids[:, start : start + PREFILL_CHUNK]
+            out = self.model(
+                input_ids=chunk, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}
+            )
+            logits = out.logits[0, -1]
+        assert logits is not None, "prefill of an empty prompt"
+        return logits
+
+    def _decode_step(self, token: int, cache: DynamicCache) -> torch.Tensor:
+        ids = torch.tensor([[token]], device=self._device)
+        out = self.model(
+            input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}
+        )
+        return out.logits[0, -1]
