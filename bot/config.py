@@ -1,0 +1,92 @@
+"""The bot's configuration: one TOML file read once into frozen sections.
+
+[model] and [engine] belong to the engine package; [storage] and [bot] are the bot's.
+Relative paths in the file are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from engine.config import ConfigError, EngineConfig, ModelConfig, parse_sections
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful AI assistant named lorabot. Answer clearly and concisely."
+)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """[storage]: the SQLite file that keeps every conversation."""
+
+    path: str = "lorabot.db"
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    """[bot]: behaviour shared by every platform."""
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+        if self.log_level.upper() not in levels:
+            raise ConfigError(
+                f"[bot] log_level = {self.log_level!r}: must be one of {', '.join(levels)}"
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    engine: EngineConfig
+    storage: StorageConfig
+    bot: BotConfig
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "engine": EngineConfig,
+    "storage": StorageConfig,
+    "bot": BotConfig,
+}
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and check the TOML file; without one, every default applies."""
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        base = path.resolve().parent
+    sections = parse_sections(data, SECTIONS)
+    config = Config(**sections)
+    return _resolve_paths(config, base)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(value: str) -> str:
+        if not value or value == "embedded":
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else base / path)
+
+    return replace(
+        config,
+        model=replace(
+            config.model,
+            base=resolve(config.model.base),
+            adapter=resolve(config.model.adapter),
+            cache_dir=resolve(config.model.cache_dir),
+        ),
+        storage=replace(config.storage, path=resolve(config.storage.path)),
+    )

@@ -1,0 +1,252 @@
+"""The SQLite store: every conversation, message and rating, on one file (aiosqlite).
+
+WAL mode so readers never block the writer; `busy_timeout` so several processes can
+share the file; a schema version (PRAGMA user_version) with forward-only migrations.
+A conversation is one (platform, conversation key) thread; /reset closes it and opens
+a new one, so nothing is ever lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import aiosqlite
+
+Role = Literal["system", "user", "assistant"]
+
+# Each entry moves the schema up one version; never edit a released one, append.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: conversations and messages
+    """
+    CREATE TABLE conversations (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        conv_key TEXT NOT NULL,
+        chat_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        closed_at REAL
+    );
+    CREATE UNIQUE INDEX conversations_open
+        ON conversations (platform, conv_key) WHERE closed_at IS NULL;
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        platform TEXT NOT NULL,
+        chat_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        text TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        tokens INTEGER,
+        status TEXT NOT NULL DEFAULT 'ok'
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    """,
+    # 2: generation details of replies, and ratings
+    """
+    ALTER TABLE messages ADD COLUMN latency_ms REAL;
+    ALTER TABLE messages ADD COLUMN ttft_ms REAL;
+    ALTER TABLE messages ADD COLUMN adapter TEXT;
+    ALTER TABLE messages ADD COLUMN platform_message_id TEXT;
+    CREATE INDEX messages_by_user ON messages (platform, user_id);
+    CREATE TABLE feedback (
+        message_id INTEGER PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+        created_at REAL NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (e.g. written by a newer lorabot)."""
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    conversation_id: int
+    role: Role
+    text: str
+    user_id: str
+    created_at: float
+    tokens: int | None
+    status: str
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    tokens: int
+    latency_ms: float
+    ttft_ms: float
+    adapter: str
+
+
+class Store:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: str | Path) -> Store:
+        path = Path(path)
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA busy_timeout = 10000")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA foreign_keys = ON")
+        await db.execute("PRAGMA synchronous = NORMAL")
+        store = cls(db)
+        try:
+            await store._migrate()
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def schema_version(self) -> int:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _migrate(self, target: int = SCHEMA_VERSION) -> None:
+        # BEGIN IMMEDIATE: two processes starting at once must not both migrate.
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = await self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database is at schema version {version}, newer than this "
+                    f"lorabot understands ({SCHEMA_VERSION}); upgrade lorabot"
+                )
+            for number in range(version, target):
+                for statement in _statements(MIGRATIONS[number]):
+                    await self._db.execute(statement)
+                await self._db.execute(f"PRAGMA user_version = {number + 1}")
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+
+    # conversations ---------------------------------------------------------------
+    async def open_conversation(self, platform: str, conv_key: str, chat_id: str) -> int:
+        """The open conversation of this key, created if there is none."""
+        sql = "SELECT id FROM conversations WHERE platform=? AND conv_key=? AND closed_at IS NULL"
+        async with self._db.execute(sql, (platform, conv_key)) as cur:
+            row = await cur.fetchone()
+        if row:
+            return int(row[0])
+        cur = await self._db.execute(
+            "INSERT INTO conversations (platform, conv_key, chat_id, created_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (platform, conv_key, chat_id, time.time()),
+        )
+        if cur.rowcount == 1 and cur.lastrowid is not None:
+            return cur.lastrowid
+        return await self.open_conversation(platform, conv_key, chat_id)  # lost a race
+
+    async def close_conversation(self, platform: str, conv_key: str) -> bool:
+        cur = await self._db.execute(
+            "UPDATE conversations SET closed_at=? "
+            "WHERE platform=? AND conv_key=? AND closed_at IS NULL",
+            (time.time(), platform, conv_key),
+        )
+        return cur.rowcount > 0
+
+    # messages --------------------------------------------------------------------
+    async def add_message(
+        self,
+        conversation_id: int,
+        *,
+        platform: str,
+        chat_id: str,
+        user_id: str,
+        role: Role,
+        text: str,
+        tokens: int | None = None,
+        stats: ReplyStats | None = None,
+        status: str = "ok",
+    ) -> int:
+        cur = await self._db.execute(
+            "INSERT INTO messages (conversation_id, platform, chat_id, user_id, role, text,"
+            " created_at, tokens, status, latency_ms, ttft_ms, adapter)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                conversation_id,
+                platform,
+                chat_id,
+                user_id,
+                role,
+                text,
+                time.time(),
+                stats.tokens if stats else tokens,
+                status,
+                stats.latency_ms if stats else None,
+                stats.ttft_ms if stats else None,
+                stats.adapter if stats else None,
+            ),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def set_platform_message_id(self, message_id: int, platform_message_id: str) -> None:
+        await self._db.execute(
+            "UPDATE messages SET platform_message_id=? WHERE id=?",
+            (platform_message_id, message_id),
+        )
+
+    async def history(self, conversation_id: int, limit: int = 200) -> list[StoredMessage]:
+        """The newest `limit` usable messages of a conversation, oldest first."""
+        sql = (
+            "SELECT id, conversation_id, role, text, user_id, created_at, tokens, status"
+            " FROM messages WHERE conversation_id=? AND status='ok'"
+            " ORDER BY id DESC LIMIT ?"
+        )
+        async with self._db.execute(sql, (conversation_id, limit)) as cur:
+            rows = await cur.fetchall()
+        return [StoredMessage(*row) for row in reversed(list(rows))]
+
+    async def supersede_after(self, conversation_id: int, message_id: int) -> int:
+        """Mark every reply after `message_id` as superseded (for /retry); kept, not deleted."""
+        cur = await self._db.execute(
+            "UPDATE messages SET status='superseded'"
+            " WHERE conversation_id=? AND id>? AND role='assistant' AND status='ok'",
+            (conversation_id, message_id),
+        )
+        return cur.rowcount
+
+    async def rate(self, message_id: int, user_id: str, rating: int) -> bool:
+        """Store a 👍 (1) / 👎 (-1) for an assistant message; False if there is none."""
+        if rating not in (-1, 1):
+            raise ValueError(f"rating {rating}: must be -1 or 1")
+        sql = "SELECT 1 FROM messages WHERE id=? AND role='assistant'"
+        async with self._db.execute(sql, (message_id,)) as cur:
+            if await cur.fetchone() is None:
+                return False
+        await self._db.execute(
+            "INSERT INTO feedback (message_id, user_id, rating, created_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (message_id) DO UPDATE SET"
+            " user_id=excluded.user_id, rating=excluded.rating, created_at=excluded.created_at",
+            (message_id, user_id, rating, time.time()),
+        )
+        return True
+
+    async def count_messages(self, platform: str | None = None) -> int:
+        sql = "SELECT COUNT(*) FROM messages" + (" WHERE platform=?" if platform else "")
+        async with self._db.execute(sql, (platform,) if platform else ()) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def _statements(script: str) -> Sequence[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
