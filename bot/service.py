@@ -51,6 +51,8 @@ class Incoming:
     conv_key: str = ""  # which conversation this continues; defaults to the chat
     user_name: str = ""
     is_group: bool = False
+    message_id: str = ""  # the platform's id of this message ("" where there is none)
+    reply_to: str = ""  # the platform's id of the message this one replies to
 
     @property
     def conversation(self) -> str:
@@ -153,35 +155,63 @@ class ChatService:
             await self.store.close_conversation(msg.platform, msg.conversation)
 
     async def reply(self, msg: Incoming, text: str, sink: ReplySink) -> None:
-        """Store the user's turn, then generate and store the answer."""
+        """Store the user's turn, then generate and store the answer.
+
+        The turn follows the newest message of the chat's open conversation, or, when the
+        user replied to a message we know, that message: the model sees the chain of
+        messages leading to it (a reply chain, in a group or on Discord)."""
         if not text:
             return
         async with self._lock(msg):
-            conv = await self.store.open_conversation(msg.platform, msg.conversation, msg.chat_id)
-            await self.store.add_message(
+            parent = None
+            if msg.reply_to:
+                parent = await self.store.find_platform_message(
+                    msg.platform, msg.chat_id, msg.reply_to
+                )
+            if parent is not None:
+                conv = parent.conversation_id
+            else:
+                conv = await self.store.open_conversation(
+                    msg.platform, msg.conversation, msg.chat_id
+                )
+                parent = await self.store.last_message(conv)
+            user_turn = await self.store.add_message(
                 conv,
                 platform=msg.platform,
                 chat_id=msg.chat_id,
                 user_id=msg.user_id,
+                user_name=msg.user_name or None,
                 role="user",
                 text=text,
                 tokens=self._cost("user", text),
+                parent_id=parent.id if parent else None,
             )
-            await self._answer(msg, conv, sink)
+            if msg.message_id:
+                await self.store.link_platform_message(
+                    msg.platform, msg.chat_id, msg.message_id, user_turn
+                )
+            await self._answer(msg, conv, user_turn, sink)
 
     async def retry(self, msg: Incoming, sink: ReplySink) -> None:
         async with self._lock(msg):
             conv = await self.store.open_conversation(msg.platform, msg.conversation, msg.chat_id)
-            history = await self.store.history(conv)
-            last_user = next((m for m in reversed(history) if m.role == "user"), None)
+            last_user = await self.store.last_user_message(conv)
             if last_user is None:
                 await sink.notice("Nothing to retry yet: send me a message first.")
                 return
-            await self.store.supersede_after(conv, last_user.id)
-            await self._answer(msg, conv, sink)
+            await self.store.supersede_replies(last_user.id)
+            await self._answer(msg, conv, last_user.id, sink)
 
-    async def _answer(self, msg: Incoming, conv: int, sink: ReplySink) -> None:
-        history = await self.store.history(conv)
+    async def remember_platform_ids(
+        self, msg: Incoming, reply_id: int, platform_message_ids: Sequence[str]
+    ) -> None:
+        """Adapters call this with the ids their platform gave the reply's messages, so
+        that a user's reply to any of them continues this conversation."""
+        for platform_id in platform_message_ids:
+            await self.store.link_platform_message(msg.platform, msg.chat_id, platform_id, reply_id)
+
+    async def _answer(self, msg: Incoming, conv: int, user_turn: int, sink: ReplySink) -> None:
+        history = await self.store.chain(user_turn)
         try:
             context = self.build_context(history)
             stream = self.engine.stream(context, self.sampling)
@@ -221,6 +251,7 @@ class ChatService:
             role="assistant",
             text=text,
             stats=stats,
+            parent_id=user_turn,
         )
         await sink.finish(text, reply_id)
 

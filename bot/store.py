@@ -60,6 +60,21 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 3: reply chains (each message points at the one it answers or follows) and the
+    # platform's own ids of our messages (a long reply may span several)
+    """
+    ALTER TABLE messages ADD COLUMN parent_id INTEGER
+        REFERENCES messages (id) ON DELETE SET NULL;
+    ALTER TABLE messages ADD COLUMN user_name TEXT;
+    CREATE TABLE platform_messages (
+        platform TEXT NOT NULL,
+        chat_id TEXT NOT NULL,
+        platform_message_id TEXT NOT NULL,
+        message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        PRIMARY KEY (platform, chat_id, platform_message_id)
+    );
+    CREATE INDEX platform_messages_by_message ON platform_messages (message_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -78,6 +93,10 @@ class StoredMessage:
     created_at: float
     tokens: int | None
     status: str
+    parent_id: int | None = None
+
+
+MESSAGE_COLUMNS = "id, conversation_id, role, text, user_id, created_at, tokens, status, parent_id"
 
 
 @dataclass(frozen=True)
@@ -176,11 +195,13 @@ class Store:
         tokens: int | None = None,
         stats: ReplyStats | None = None,
         status: str = "ok",
+        parent_id: int | None = None,
+        user_name: str | None = None,
     ) -> int:
         cur = await self._db.execute(
             "INSERT INTO messages (conversation_id, platform, chat_id, user_id, role, text,"
-            " created_at, tokens, status, latency_ms, ttft_ms, adapter)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " created_at, tokens, status, latency_ms, ttft_ms, adapter, parent_id, user_name)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 conversation_id,
                 platform,
@@ -194,36 +215,133 @@ class Store:
                 stats.latency_ms if stats else None,
                 stats.ttft_ms if stats else None,
                 stats.adapter if stats else None,
+                parent_id,
+                user_name,
             ),
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    async def set_platform_message_id(self, message_id: int, platform_message_id: str) -> None:
+    async def link_platform_message(
+        self, platform: str, chat_id: str, platform_message_id: str, message_id: int
+    ) -> None:
+        """Remember that the platform shows `message_id` as `platform_message_id`."""
         await self._db.execute(
-            "UPDATE messages SET platform_message_id=? WHERE id=?",
-            (platform_message_id, message_id),
+            "INSERT OR REPLACE INTO platform_messages"
+            " (platform, chat_id, platform_message_id, message_id) VALUES (?, ?, ?, ?)",
+            (platform, chat_id, platform_message_id, message_id),
         )
+
+    async def find_platform_message(
+        self, platform: str, chat_id: str, platform_message_id: str
+    ) -> StoredMessage | None:
+        sql = (
+            f"SELECT {_qualified('m')} FROM platform_messages p JOIN messages m"
+            " ON m.id = p.message_id"
+            " WHERE p.platform=? AND p.chat_id=? AND p.platform_message_id=?"
+        )
+        async with self._db.execute(sql, (platform, chat_id, platform_message_id)) as cur:
+            row = await cur.fetchone()
+        return StoredMessage(*row) if row else None
+
+    async def message(self, message_id: int) -> StoredMessage | None:
+        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id=?"
+        async with self._db.execute(sql, (message_id,)) as cur:
+            row = await cur.fetchone()
+        return StoredMessage(*row) if row else None
+
+    async def chain(self, message_id: int, limit: int = 200) -> list[StoredMessage]:
+        """The message and up to `limit`-1 of its ancestors (parent links), oldest first:
+        the conversation as the model should see it."""
+        sql = (
+            "WITH RECURSIVE up(id, depth) AS ("
+            " SELECT id, 0 FROM messages WHERE id=?"
+            " UNION ALL SELECT m.parent_id, up.depth + 1 FROM messages m JOIN up ON m.id = up.id"
+            " WHERE m.parent_id IS NOT NULL AND up.depth + 1 < ?)"
+            f" SELECT {_qualified('m')} FROM up JOIN messages m ON m.id = up.id"
+            " ORDER BY up.depth DESC"
+        )
+        async with self._db.execute(sql, (message_id, limit)) as cur:
+            rows = await cur.fetchall()
+        return [StoredMessage(*row) for row in rows]
+
+    async def last_message(self, conversation_id: int) -> StoredMessage | None:
+        """The newest usable message of a conversation (what the next turn follows)."""
+        sql = (
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id=? AND status='ok'"
+            " ORDER BY id DESC LIMIT 1"
+        )
+        async with self._db.execute(sql, (conversation_id,)) as cur:
+            row = await cur.fetchone()
+        return StoredMessage(*row) if row else None
 
     async def history(self, conversation_id: int, limit: int = 200) -> list[StoredMessage]:
         """The newest `limit` usable messages of a conversation, oldest first."""
         sql = (
-            "SELECT id, conversation_id, role, text, user_id, created_at, tokens, status"
-            " FROM messages WHERE conversation_id=? AND status='ok'"
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id=? AND status='ok'"
             " ORDER BY id DESC LIMIT ?"
         )
         async with self._db.execute(sql, (conversation_id, limit)) as cur:
             rows = await cur.fetchall()
         return [StoredMessage(*row) for row in reversed(list(rows))]
 
-    async def supersede_after(self, conversation_id: int, message_id: int) -> int:
-        """Mark every reply after `message_id` as superseded (for /retry); kept, not deleted."""
+    async def supersede_replies(self, message_id: int) -> int:
+        """Mark the replies to `message_id` as superseded (for /retry); kept, not deleted."""
         cur = await self._db.execute(
             "UPDATE messages SET status='superseded'"
-            " WHERE conversation_id=? AND id>? AND role='assistant' AND status='ok'",
-            (conversation_id, message_id),
+            " WHERE parent_id=? AND role='assistant' AND status='ok'",
+            (message_id,),
         )
         return cur.rowcount
+
+    async def last_user_message(self, conversation_id: int) -> StoredMessage | None:
+        sql = (
+            f"SELECT {MESSAGE_COLUMNS} FROM messages"
+            " WHERE conversation_id=? AND status='ok' AND role='user' ORDER BY id DESC LIMIT 1"
+        )
+        async with self._db.execute(sql, (conversation_id,)) as cur:
+            row = await cur.fetchone()
+        return StoredMessage(*row) if row else None
+
+    async def forget_user(self, platform: str, user_id: str) -> int:
+        """Delete everything stored about one user of a platform: their messages, the
+        replies to them, their ratings, and conversations left empty. Returns the number
+        of messages deleted."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = await self._db.execute(
+                "DELETE FROM messages WHERE platform=? AND (user_id=? OR parent_id IN"
+                " (SELECT id FROM messages WHERE platform=? AND user_id=? AND role='user'))",
+                (platform, user_id, platform, user_id),
+            )
+            deleted = cur.rowcount
+            await self._db.execute(
+                "DELETE FROM feedback WHERE user_id=? AND message_id IN"
+                " (SELECT id FROM messages WHERE platform=?)",
+                (user_id, platform),
+            )
+            await self._db.execute(
+                "DELETE FROM conversations WHERE platform=? AND NOT EXISTS"
+                " (SELECT 1 FROM messages m WHERE m.conversation_id = conversations.id)",
+                (platform,),
+            )
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        return deleted
+
+    async def stats(self, platform: str | None = None) -> dict[str, int]:
+        """Users, conversations and messages (of one platform, or all)."""
+        where, args = (" WHERE platform=?", (platform,)) if platform else ("", ())
+        sql = (
+            "SELECT COUNT(DISTINCT CASE WHEN role='user' THEN platform || ':' || user_id END),"
+            f" COUNT(DISTINCT conversation_id), COUNT(*) FROM messages{where}"
+        )
+        async with self._db.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        users, conversations, messages = row if row else (0, 0, 0)
+        return {"users": users, "conversations": conversations, "messages": messages}
 
     async def rate(self, message_id: int, user_id: str, rating: int) -> bool:
         """Store a 👍 (1) / 👎 (-1) for an assistant message; False if there is none."""
@@ -246,6 +364,10 @@ class Store:
         async with self._db.execute(sql, (platform,) if platform else ()) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+
+def _qualified(alias: str) -> str:
+    return ", ".join(f"{alias}.{column.strip()}" for column in MESSAGE_COLUMNS.split(","))
 
 
 def _statements(script: str) -> Sequence[str]:

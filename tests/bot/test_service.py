@@ -212,3 +212,36 @@ async def test_chats_in_parallel_and_order_within_a_chat(make_service: Any, tmp_
     with sqlite3.connect(tmp_path / "bot.db") as conn:
         x = conn.execute("SELECT role, text FROM messages WHERE chat_id='x' ORDER BY id").fetchall()
     assert x == [("user", "q1"), ("assistant", ANSWER), ("user", "q2"), ("assistant", ANSWER)]
+
+
+async def test_reply_to_an_older_answer_continues_that_chain(make_service: Any) -> None:
+    service, _model = await make_service()
+    store = service.store
+    first = RecordingSink()
+    await service.handle(msg("q1"), first)
+    await service.remember_platform_ids(msg("q1"), first.finished[0][1], ["m-10", "m-11"])
+    await service.handle(msg("q2"), RecordingSink())
+    await service.handle(
+        Incoming(platform="test", chat_id="c1", user_id="u2", text="q3", reply_to="m-11"),
+        RecordingSink(),
+    )
+    conv = await store.open_conversation("test", "c1", "c1")
+    newest = await store.last_message(conv)
+    assert newest is not None and newest.role == "assistant"
+    assert [m.text for m in await store.chain(newest.id)] == ["q1", ANSWER, "q3", ANSWER]
+
+
+async def test_forget_deletes_a_users_messages_and_the_replies_to_them(
+    make_service: Any, tmp_path: Path
+) -> None:
+    service, _model = await make_service()
+    await service.handle(msg("mine", user="alice"), RecordingSink())
+    answer = RecordingSink()
+    await service.handle(msg("theirs", user="bob"), answer)
+    await service.store.rate(answer.finished[0][1], "alice", 1)
+    deleted = await service.store.forget_user("test", "alice")
+    assert deleted == 2
+    assert rows(tmp_path / "bot.db") == [("user", "theirs", "ok"), ("assistant", ANSWER, "ok")]
+    with sqlite3.connect(tmp_path / "bot.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone() == (0,)
+    assert await service.store.stats("test") == {"users": 1, "conversations": 1, "messages": 2}
