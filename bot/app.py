@@ -35,7 +35,20 @@ async def run(config: Config) -> None:
                 system_prompt=config.bot.system_prompt,
                 sampling=config.engine.sampling(),
             )
-            await run_terminal(service)
+            platforms = []
+            if config.telegram.enabled:
+                from bot.telegram_bot import run_telegram
+
+                platforms.append(run_telegram(service, config.telegram))
+            if config.discord.enabled:
+                from bot.discord_bot import run_discord
+
+                platforms.append(run_discord(service, config.discord))
+            if platforms:
+                # Each runs until cancelled (Ctrl-C); one failing stops the others.
+                await asyncio.gather(*platforms)
+            else:
+                await run_terminal(service)
         finally:
             engine.close()
     finally:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bot.discord_config import DiscordConfig
+from bot.telegram_config import TelegramConfig
 from engine.config import ConfigError, EngineConfig, ModelConfig, parse_sections
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -46,6 +48,8 @@ class Config:
     engine: EngineConfig
     storage: StorageConfig
     bot: BotConfig
+    telegram: TelegramConfig
+    discord: DiscordConfig
 
 
 SECTIONS: dict[str, type] = {
@@ -53,7 +57,31 @@ SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
     "storage": StorageConfig,
     "bot": BotConfig,
+    "telegram": TelegramConfig,
+    "discord": DiscordConfig,
 }
+
+
+def read_secret(section: str, env_name: str, file: str) -> str:
+    """A token from the file the config names, else from the environment variable.
+    The error names where to put it, never a value."""
+    import os
+
+    if file:
+        try:
+            secret = Path(file).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"[{section}] token_file = {file!r}: {exc.strerror}") from None
+        if secret:
+            return secret
+        raise ConfigError(f"[{section}] token_file = {file!r} is empty")
+    secret = os.environ.get(env_name, "").strip()
+    if not secret:
+        raise ConfigError(
+            f"[{section}] is enabled but the environment variable {env_name} is not set "
+            "(put the bot token there, or name a file with token_file)"
+        )
+    return secret
 
 
 def load_config(path: Path | None) -> Config:
@@ -89,4 +117,6 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             cache_dir=resolve(config.model.cache_dir),
         ),
         storage=replace(config.storage, path=resolve(config.storage.path)),
+        telegram=replace(config.telegram, token_file=resolve(config.telegram.token_file)),
+        discord=replace(config.discord, token_file=resolve(config.discord.token_file)),
     )

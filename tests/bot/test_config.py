@@ -18,6 +18,8 @@ def test_example_config_is_valid_and_equals_the_defaults(tmp_path: Path) -> None
     assert example.model == defaults.model
     assert example.engine == defaults.engine
     assert example.bot == defaults.bot
+    assert example.telegram == defaults.telegram
+    assert example.discord == defaults.discord
     # Relative paths are relative to the config file's folder.
     assert example.storage.path == str(ROOT / "lorabot.db")
 
@@ -40,3 +42,18 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     broken.write_text("[model\nbase = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(broken)
+
+
+def test_enabled_platform_without_its_token_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.config import read_secret
+
+    monkeypatch.delenv("MY_TG_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="MY_TG_TOKEN is not set"):
+        read_secret("telegram", "MY_TG_TOKEN", "")
+    monkeypatch.setenv("MY_TG_TOKEN", "123:abc")
+    assert read_secret("telegram", "MY_TG_TOKEN", "") == "123:abc"
+    token_file = tmp_path / "token"
+    token_file.write_text("456:def\n")
+    assert read_secret("telegram", "MY_TG_TOKEN", str(token_file)) == "456:def"
