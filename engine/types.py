@@ -80,6 +80,10 @@ class PromptTooLong(EngineError):
     """The prompt alone does not fit the model's context window."""
 
 
+class UnknownModel(EngineError):
+    """A request named a model/adapter this engine does not serve."""
+
+
 class Engine(Protocol):
     """What the bot needs from a backend, local or remote."""
 
@@ -91,7 +95,18 @@ class Engine(Protocol):
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int: ...
 
-    def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> TextStreamLike: ...
+    def models(self) -> list[str]:
+        """Names a request may ask for: the base model, then each loaded adapter."""
+        ...
+
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        adapter: str | None = None,
+    ) -> TextStreamLike:
+        """Start a request; `adapter` None means the engine's default."""
+        ...
 
     def close(self) -> None: ...
 

@@ -35,6 +35,7 @@ from engine.types import (
     FinishReason,
     PromptTooLong,
     SamplingParams,
+    UnknownModel,
 )
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,20 @@ class LocalEngine:
         """Prompt tokens of these messages, with the generation prompt (for budgeting)."""
         return len(self.chat_format.encode(messages))
 
-    def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> TextStream:
-        """Queue a request; raises EngineBusy at once when the queue is full and
-        PromptTooLong when the prompt leaves no room for a reply."""
+    def models(self) -> list[str]:
+        return [self.model_name] + ([self.adapter_name] if self.adapter_name else [])
+
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        adapter: str | None = None,
+    ) -> TextStream:
+        """Queue a request; raises EngineBusy at once when the queue is full,
+        PromptTooLong when the prompt leaves no room for a reply, and UnknownModel for
+        an adapter that is not loaded."""
+        if adapter is not None and adapter not in self.models():
+            raise UnknownModel(f"model {adapter!r} is not served here; try {self.models()}")
         prompt_ids = self.chat_format.encode(messages)
         if len(prompt_ids) >= self.context_window:
             raise PromptTooLong(
