@@ -65,6 +65,20 @@ class EngineConfig:
     repetition_penalty: float = 1.0
     stall_timeout_s: float = 120.0
     threads: int = 0
+    # Continuous batching (LLaMA-family models without quantization): sequences served at
+    # once (0 = auto), tokens each can hold (0 = min(context, 4096)), prompt tokens
+    # prefilled per step, and the decode step as CUDA graphs on a GPU.
+    slots: int = 0
+    slot_tokens: int = 0
+    prefill_chunk: int = 512
+    cuda_graphs: bool = True
+    # Where answers come from: this process ("local") or an OpenAI-compatible server
+    # ("openai": engine/remote.py; `python -m engine serve`, vLLM, llama.cpp, Ollama).
+    backend: Literal["local", "openai"] = "local"
+    base_url: str = ""
+    api_key_env: str = ""
+    remote_model: str = ""
+    request_timeout_s: float = 60.0
 
     def sampling(self) -> SamplingParams:
         """The default sampling of a request."""
@@ -77,6 +91,7 @@ class EngineConfig:
         )
 
     def __post_init__(self) -> None:
+        url_ok = self.backend != "openai" or self.base_url.startswith(("http://", "https://"))
         checks = [
             ("max_queue", self.max_queue >= 1, ">= 1"),
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
@@ -86,6 +101,11 @@ class EngineConfig:
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 5.0, "in (0, 5]"),
             ("stall_timeout_s", self.stall_timeout_s > 0, "> 0"),
             ("threads", self.threads >= 0, ">= 0 (0 = all cores)"),
+            ("slots", self.slots >= 0, ">= 0 (0 = auto)"),
+            ("slot_tokens", self.slot_tokens == 0 or self.slot_tokens >= 64, "0 (auto) or >= 64"),
+            ("prefill_chunk", self.prefill_chunk >= 16, ">= 16"),
+            ("base_url", url_ok, "an http(s):// URL with backend = 'openai'"),
+            ("request_timeout_s", self.request_timeout_s > 0, "> 0"),
         ]
         problems = [
             f"[engine] {key} = {getattr(self, key)!r}: must be {allowed}"

@@ -85,7 +85,10 @@ class TextStream:
             while True:
                 if not self._pending and not self._done:
                     try:
-                        await asyncio.wait_for(self._wakeup.wait(), self._stall_timeout_s)
+                        # asyncio.timeout, not wait_for: no extra task per delta, which
+                        # matters with dozens of streams each getting a delta per step.
+                        async with asyncio.timeout(self._stall_timeout_s):
+                            await self._wakeup.wait()
                     except TimeoutError:
                         raise EngineStalled(
                             f"no output from the engine for {self._stall_timeout_s:.0f} s"

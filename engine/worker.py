@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from engine.batching import BatchScheduler
 from engine.chat_format import ChatFormat, make_chat_format
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenize import IncrementalDecoder, StopFilter
+from engine.llama import LlamaRunner, supports
 from engine.loading import load_model
 from engine.sampling import sample_next
 from engine.stream import TextStream
@@ -41,6 +43,23 @@ from engine.types import (
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # long prompts go through the model in pieces of this many tokens
+DEFAULT_SLOT_TOKENS = 4096  # longest sequence a slot holds unless configured
+MAX_AUTO_SLOTS = 64
+
+
+def auto_slots(model: Any, slot_tokens: int, device: torch.device) -> int:
+    """How many sequences to batch: on a GPU as many as 85% of free memory holds (up to
+    64); on the CPU a few (more only adds latency there)."""
+    if device.type != "cuda":
+        return 4
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = next(model.parameters()).element_size()
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * element
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, min(MAX_AUTO_SLOTS, int(0.85 * free) // (per_token * slot_tokens) - 1))
 
 
 @dataclass
@@ -65,6 +84,11 @@ class LocalEngine:
         stall_timeout_s: float = 120.0,
         adapter_name: str = "",
         model_name: str = "model",
+        batching: bool = True,
+        slots: int = 0,
+        slot_tokens: int = 0,
+        prefill_chunk: int = 512,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -79,9 +103,44 @@ class LocalEngine:
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._active = 0
-        self.tokens_generated = 0
+        self._tokens_generated = 0
+        self._scheduler: BatchScheduler | None = None
+        if batching and supports(model):
+            self._scheduler = self._make_scheduler(slots, slot_tokens, prefill_chunk, cuda_graphs)
+            self.context_window = min(context_window, self._scheduler.runner.slot_tokens)
         self._thread = threading.Thread(target=self._run, name="lorabot-engine", daemon=True)
         self._thread.start()
+
+    def _make_scheduler(
+        self, slots: int, slot_tokens: int, prefill_chunk: int, cuda_graphs: bool
+    ) -> BatchScheduler:
+        graphs = cuda_graphs and self._device.type == "cuda"
+        slot_tokens = slot_tokens or min(self.context_window, DEFAULT_SLOT_TOKENS)
+        if not slots:
+            slots = auto_slots(self.model, slot_tokens, self._device)
+        runner = LlamaRunner(
+            self.model, slots=slots + (1 if graphs else 0), slot_tokens=slot_tokens
+        )
+        log.info(
+            "continuous batching: %d slots of %d tokens (%.1f GiB of KV cache)",
+            slots,
+            slot_tokens,
+            runner.kv_bytes_per_token() * slot_tokens * runner.slots / 2**30,
+        )
+        return BatchScheduler(
+            runner,
+            self.tokenizer,
+            self.chat_format.stop_token_ids,
+            adapter_name=self.adapter_name,
+            prefill_chunk=prefill_chunk,
+            cuda_graphs=graphs,
+        )
+
+    @property
+    def tokens_generated(self) -> int:
+        if self._scheduler is not None:
+            return self._scheduler.tokens_generated
+        return self._tokens_generated
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> LocalEngine:
@@ -102,13 +161,18 @@ class LocalEngine:
             stall_timeout_s=engine_cfg.stall_timeout_s,
             adapter_name=loaded.adapter_name,
             model_name=loaded.name,
+            slots=engine_cfg.slots,
+            slot_tokens=engine_cfg.slot_tokens,
+            prefill_chunk=engine_cfg.prefill_chunk,
+            cuda_graphs=engine_cfg.cuda_graphs,
         )
 
     # asyncio side -------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        """Requests waiting plus the one being generated."""
-        return self._queue.qsize() + self._active
+        """Requests waiting plus those being generated."""
+        active = self._scheduler.active if self._scheduler is not None else self._active
+        return self._queue.qsize() + active
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Prompt tokens of these messages, with the generation prompt (for budgeting)."""
@@ -128,11 +192,16 @@ class LocalEngine:
         an adapter that is not loaded."""
         if adapter is not None and adapter not in self.models():
             raise UnknownModel(f"model {adapter!r} is not served here; try {self.models()}")
-        prompt_ids = self.chat_format.encode(messages)
+        return self.stream_tokens(self.chat_format.encode(messages), params)
+
+    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> TextStream:
+        """Like `stream`, for a prompt that is already token ids."""
         if len(prompt_ids) >= self.context_window:
             raise PromptTooLong(
                 f"prompt is {len(prompt_ids)} tokens; the model's context is {self.context_window}"
             )
+        if not prompt_ids:
+            raise ValueError("empty prompt")
         stop = tuple(dict.fromkeys(params.stop + self.chat_format.stop_strings))
         params = replace(params, stop=stop)
         stream = TextStream(asyncio.get_running_loop(), self._stall_timeout_s)
@@ -156,6 +225,23 @@ class LocalEngine:
 
     # worker thread ------------------------------------------------------------------
     def _run(self) -> None:
+        if self._scheduler is not None:
+            self._run_batched(self._scheduler)
+        else:
+            self._run_sequential()
+
+    def _run_batched(self, scheduler: BatchScheduler) -> None:
+        while True:
+            try:
+                scheduler.run(self._queue)
+                return
+            except Exception as exc:  # noqa: BLE001 - reported to the requests, logged here
+                log.exception("generation step failed")
+                scheduler.fail_all(EngineError(f"generation failed: {type(exc).__name__}"))
+
+    def _run_sequential(self) -> None:
+        """One request at a time through the model's own forward (any HF causal LM:
+        quantized, unmerged adapters, architectures the batched runner does not know)."""
         while True:
             request = self._queue.get()
             if request is None:
@@ -211,7 +297,7 @@ class LocalEngine:
             tail = stops.push(decoder.flush()) + stops.flush()
             text.append(tail)
             request.stream.push(tail)
-        self.tokens_generated += len(generated)
+        self._tokens_generated += len(generated)
         now = time.perf_counter()
         request.stream.finish(
             Completion(

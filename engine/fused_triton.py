@@ -1,0 +1,118 @@
+"""Fused Triton kernels for the decode step: each replaces 5-10 small PyTorch kernels.
+
+A decode step at small batch is bound by how many kernels it launches, not by math:
+RMSNorm is 8 elementwise kernels in PyTorch, RoPE on q and k plus the two cache writes
+about 12. Each kernel here reproduces transformers' arithmetic (fp32 statistics, bf16
+rounding where HF rounds) so greedy outputs stay the same.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(X, W, Y, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    normed = (x * rstd).to(Y.dtype.element_ty)  # HF casts back before the weight
+    w = tl.load(W + cols, mask=ok, other=0.0)
+    y = (normed.to(tl.float32) * w.to(tl.float32)).to(Y.dtype.element_ty)
+    tl.store(Y + row * stride_y + cols, y, mask=ok)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(N, E) -> (N, E), like transformers' LlamaRMSNorm."""
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    _rmsnorm_kernel[(x.shape[0],)](
+        x, weight, y, x.stride(0), y.stride(0), n, eps, BLOCK=triton.next_power_of_2(n)
+    )
+    return y
+
+
+@triton.jit
+def _rope_cache_kernel(
+    QKV, Cos, Sin, Pos, Slots, Q, KC, VC,
+    stride_qkv, stride_q, stride_q_head,
+    stride_cs, stride_ct, stride_ch,
+    H: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """One program per (row, head among H + K): rotate q into Q; rotate k and copy v
+    into the caches at (slot, position)."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    half = D // 2
+    d = tl.arange(0, D)
+    pos = tl.load(Pos + row).to(tl.int64)
+    cos = tl.load(Cos + pos * D + d)
+    sin = tl.load(Sin + pos * D + d)
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
+    base = QKV + row * stride_qkv + head * D
+    x = tl.load(base + d)
+    x_rot = tl.load(base + partner) * sign.to(x.dtype)
+    # HF: (x * cos) + (rotate_half(x) * sin), each product rounded to the model's dtype.
+    y = ((x * cos).to(x.dtype) + (x_rot * sin).to(x.dtype)).to(x.dtype)
+    if head < H:
+        tl.store(Q + row * stride_q + head * stride_q_head + d, y)
+    else:
+        slot = tl.load(Slots + row).to(tl.int64)
+        kvh = head - H
+        tl.store(KC + slot * stride_cs + pos * stride_ct + kvh * stride_ch + d, y)
+        v = tl.load(base + K * D + d)
+        tl.store(VC + slot * stride_cs + pos * stride_ct + kvh * stride_ch + d, v)
+
+
+def rope_into_cache(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> torch.Tensor:
+    """qkv (B, (H+2K)*D) -> rotated q (B, H, D); rotated k and v written to the caches
+    (S, T, K, D) at (slot, position) of each row."""
+    batch = qkv.shape[0]
+    dim = k_cache.shape[-1]
+    q = torch.empty((batch, heads, dim), dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(batch, heads + kv_heads)](
+        qkv, cos, sin, positions, slots, q, k_cache, v_cache,
+        qkv.stride(0), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        H=heads, K=kv_heads, D=dim,
+    )  # fmt: skip
+    return q
+
+
+@triton.jit
+def _silu_mul_kernel(GU, Y, stride_gu, stride_y, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    gate = tl.load(GU + row * stride_gu + cols, mask=ok, other=0.0)
+    up = tl.load(GU + row * stride_gu + N + cols, mask=ok, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # F.silu rounds to the input dtype
+    tl.store(Y + row * stride_y + cols, (act * up).to(gate.dtype), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(B, 2I) -> silu(gate) * up, (B, I)."""
+    batch, width = gate_up.shape
+    n = width // 2
+    y = torch.empty((batch, n), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(batch, triton.cdiv(n, block))](
+        gate_up, y, gate_up.stride(0), y.stride(0), n, BLOCK=block
+    )
+    return y
