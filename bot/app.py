@@ -11,20 +11,34 @@ from bot.config import Config
 from bot.service import ChatService
 from bot.store import Store
 from bot.terminal_chat import run_terminal
+from engine.remote import OpenAIEngine
 from engine.types import Engine
 
 log = logging.getLogger("bot")
 
 
 async def open_engine(config: Config) -> Engine:
-    """Load the model on a thread: it takes seconds and the loop may have other work."""
+    """The configured backend: an OpenAI-compatible server ([engine] backend = "openai"),
+    or the model loaded here, on a thread (it takes seconds and the loop may have other
+    work). Only the local backend imports torch."""
+    if config.engine.backend == "openai":
+        return await OpenAIEngine.open(config.model, config.engine)
     from engine.worker import LocalEngine
 
     return await asyncio.to_thread(LocalEngine.from_config, config.model, config.engine)
 
 
+async def close_engine(engine: Engine) -> None:
+    if isinstance(engine, OpenAIEngine):
+        await engine.aclose()  # also closes its HTTP connections
+    else:
+        engine.close()
+
+
 async def run(config: Config) -> None:
     log.info("config: %s", asdict(config))
+    if config.serve.enabled:
+        config.serve.api_key()  # a missing key is a config error before the model loads
     store = await Store.open(config.storage.path)
     try:
         engine = await open_engine(config)
@@ -44,12 +58,16 @@ async def run(config: Config) -> None:
                 from bot.discord_bot import run_discord
 
                 platforms.append(run_discord(service, config.discord))
+            if config.serve.enabled:
+                from bot.web_chat import run_web
+
+                platforms.append(run_web(service, engine, config.serve, config.engine.sampling()))
             if platforms:
                 # Each runs until cancelled (Ctrl-C); one failing stops the others.
                 await asyncio.gather(*platforms)
             else:
                 await run_terminal(service)
         finally:
-            engine.close()
+            await close_engine(engine)
     finally:
         await store.close()

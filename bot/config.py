@@ -14,6 +14,7 @@ from typing import Any
 from bot.discord_config import DiscordConfig
 from bot.telegram_config import TelegramConfig
 from engine.config import ConfigError, EngineConfig, ModelConfig, parse_sections
+from engine.serve_config import ServeConfig
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful AI assistant named lorabot. Answer clearly and concisely."
@@ -50,6 +51,7 @@ class Config:
     bot: BotConfig
     telegram: TelegramConfig
     discord: DiscordConfig
+    serve: ServeConfig
 
 
 SECTIONS: dict[str, type] = {
@@ -59,6 +61,7 @@ SECTIONS: dict[str, type] = {
     "bot": BotConfig,
     "telegram": TelegramConfig,
     "discord": DiscordConfig,
+    "serve": ServeConfig,
 }
 
 

@@ -229,6 +229,9 @@ class ChatService:
                 async for delta in deltas:
                     text += delta
                     await sink.update(text)
+        except EngineBusy:  # a remote server says so only once its response starts
+            await sink.notice(BUSY)
+            return
         except EngineError as exc:
             log.warning("generation failed in %s/%s: %s", msg.platform, msg.chat_id, exc)
             await sink.notice(FAILED)

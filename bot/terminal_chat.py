@@ -25,16 +25,23 @@ class TerminalSink:
     def __init__(self, out: TextIO) -> None:
         self._out = out
         self._shown = 0
+        self._prefixed = False  # "bot> " already on the line (typing() was shown)
 
     def _write(self, text: str) -> None:
         self._out.write(text)
         self._out.flush()
 
     async def notice(self, text: str) -> None:
-        self._write(f"bot> {text}\n")
+        if self._prefixed and not self._shown:
+            self._write(f"{text}\n")  # e.g. busy or failed right after typing()
+        else:
+            newline = "\n" if self._shown else ""  # after a partial reply: own line
+            self._write(f"{newline}bot> {text}\n")
+        self._prefixed = False
 
     async def typing(self) -> None:
         self._write("bot> ")
+        self._prefixed = True
 
     async def update(self, text: str) -> None:
         self._write(text[self._shown :])
