@@ -359,6 +359,24 @@ class Store:
         )
         return True
 
+    async def reply_speed(
+        self, platform: str | None = None, since: float = 0.0
+    ) -> tuple[int, int, float]:
+        """Replies stored since `since` (epoch seconds), their tokens, and the seconds
+        spent generating them after each first token (for a tokens/s figure)."""
+        sql = (
+            "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(latency_ms - ttft_ms), 0)"
+            " FROM messages WHERE role='assistant' AND latency_ms IS NOT NULL AND created_at>=?"
+        )
+        args: tuple[object, ...] = (since,)
+        if platform:
+            sql += " AND platform=?"
+            args += (platform,)
+        async with self._db.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        replies, tokens, milliseconds = row if row else (0, 0, 0.0)
+        return int(replies), int(tokens), max(float(milliseconds), 0.0) / 1000
+
     async def count_messages(self, platform: str | None = None) -> int:
         sql = "SELECT COUNT(*) FROM messages" + (" WHERE platform=?" if platform else "")
         async with self._db.execute(sql, (platform,) if platform else ()) as cur:
