@@ -101,6 +101,11 @@ class BatchScheduler:
     # the loop ----------------------------------------------------------------------
     def run(self, requests: queue.Queue[Request | None]) -> None:
         """Serve until a None arrives on the queue."""
+        if self.graphs is not None and not self.graphs.captured:
+            # Every bucket now, not on first use: a capture mid-serving would stall all
+            # streams for a fraction of a second.
+            with torch.inference_mode():
+                self.graphs.capture_all()
         while True:
             if not self._admit(requests):
                 return

@@ -49,9 +49,14 @@ class DecodeGraphs:
         log.debug("captured the decode graph for batch %d", size)
         return graph, logits
 
+    @property
+    def captured(self) -> bool:
+        return len(self._graphs) == len(self.buckets)
+
     def capture_all(self) -> None:
         for size in self.buckets:
-            self._graphs[size] = self._capture(size)
+            if size not in self._graphs:
+                self._graphs[size] = self._capture(size)
 
     def run(
         self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
