@@ -307,6 +307,7 @@ class InjectedRateLimit:
     remaining: int
     global_: bool
     hits: int = 0
+    via: bool = True  # False: like a proxy/Cloudflare 429, which discord.py does not retry
 
 
 @dataclass
@@ -879,6 +880,14 @@ class FakeDiscord:
         await self._dispatch_message("MESSAGE_UPDATE", msg)
         return msg
 
+    async def dispatch_raw(self, event: str, data: JSON) -> None:
+        """Send any gateway dispatch as is (e.g. an event type a bot does not know yet)."""
+        await self._dispatch(event, data)
+
+    def message_payload(self, message_id: Snowflake) -> JSON:
+        """A stored message as the gateway would send it (to build raw events from)."""
+        return self._message_payload(self.message(message_id))
+
     async def user_delete(self, message_id: Snowflake) -> None:
         msg = self.message(message_id)
         msg.deleted = True
@@ -1056,10 +1065,14 @@ class FakeDiscord:
         retry_after: float = 0.5,
         times: int = 1,
         global_: bool = False,
+        via: bool = True,
     ) -> InjectedRateLimit:
-        """Answer the next ``times`` matching calls with 429 (path is fully matched, relative to api_base)."""
+        """Answer the next ``times`` matching calls with 429 (path is fully matched, relative to api_base).
+
+        ``via=False`` leaves out the ``Via`` header, as a 429 from a proxy or Cloudflare
+        does; discord.py then raises instead of retrying."""
         injected = InjectedRateLimit(
-            method.upper(), re.compile(path_regex), retry_after, times, global_
+            method.upper(), re.compile(path_regex), retry_after, times, global_, via=via
         )
         self._injected.append(injected)
         return injected
@@ -2133,12 +2146,15 @@ class FakeDiscord:
             if injected.pattern.fullmatch(record.path):
                 injected.remaining -= 1
                 injected.hits += 1
-                raise self._rate_limited(
+                error = self._rate_limited(
                     injected.retry_after,
                     global_=injected.global_,
                     bucket=hashlib.sha1(injected.pattern.pattern.encode()).hexdigest()[:16],
                     limit=1,
                 )
+                if not injected.via:
+                    error.headers.pop("Via", None)
+                raise error
 
     def _check_route_limit(self, record: RecordedRequest) -> dict[str, str]:
         for route in self._route_limits:
