@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import asdict
+from typing import Any
 
 from bot.config import Config
 from bot.service import ChatService
@@ -33,6 +35,24 @@ async def close_engine(engine: Engine) -> None:
         await engine.aclose()  # also closes its HTTP connections
     else:
         engine.close()
+
+
+async def run_platforms(platforms: list[Coroutine[Any, Any, None]]) -> None:
+    """Run every platform until one fails or we are cancelled (Ctrl-C, SIGTERM); then
+    cancel the others and wait until each has drained, so none still sends replies
+    while the engine and store close behind it."""
+    tasks = [asyncio.create_task(p) for p in platforms]
+    try:
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # a platform that stopped by itself: raise its error
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("a platform failed while stopping: %r", result)
 
 
 async def run(config: Config) -> None:
@@ -63,8 +83,7 @@ async def run(config: Config) -> None:
 
                 platforms.append(run_web(service, engine, config.serve, config.engine.sampling()))
             if platforms:
-                # Each runs until cancelled (Ctrl-C); one failing stops the others.
-                await asyncio.gather(*platforms)
+                await run_platforms(platforms)
             else:
                 await run_terminal(service)
         finally:
