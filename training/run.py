@@ -109,11 +109,23 @@ def resume_state(run: Run, folder: Path, model: Any, meta: dict[str, Any]) -> di
     """Load the checkpoint into the (not yet prepared) model and the run; returns the
     state, whose optimizer part `restore_optimizer` loads after `accelerator.prepare`."""
     state = load_state(folder)
-    problems = mismatches(state.get("options", {}), meta["options"])
+    saved_options = dict(state.get("options", {}))
+    current_options = dict(meta["options"])
+    # Another number of processes is fine (a multi-GPU checkpoint on one GPU, or the
+    # reverse) as long as each step holds the same rows: batch-size x processes.
+    saved_rows = saved_options.pop("batch_size", 0) * int(state.get("world_size") or 1)
+    current_rows = current_options.pop("batch_size", 0) * int(meta["world_size"])
+    problems = mismatches(saved_options, current_options)
     problems += mismatches(
-        {k: state.get(k) for k in ("data_sha256", "base_folder", "chat_format", "world_size")},
-        {k: meta[k] for k in ("data_sha256", "base_folder", "chat_format", "world_size")},
+        {k: state.get(k) for k in ("data_sha256", "base_folder", "chat_format")},
+        {k: meta[k] for k in ("data_sha256", "base_folder", "chat_format")},
     )
+    if saved_rows != current_rows:
+        problems.append(
+            f"rows per step (batch-size x processes): checkpoint {saved_rows}, now "
+            f"{current_rows}; with {meta['world_size']} process(es) use --batch-size "
+            f"{saved_rows / int(meta['world_size']):g}"
+        )
     if problems:
         raise CheckpointError(
             f"--resume: {folder} was made with other settings; resume with the same "
@@ -217,6 +229,9 @@ def train(options: TrainOptions, model_cfg: ModelConfig) -> dict[str, Any]:
     plan = Plan(tuple(rows), options.seed, options.batch_size * options.grad_accum * world, world)
     total_steps = options.max_steps or options.epochs * plan.steps_per_epoch
 
+    # The adapter's initial weights come from --seed: the same run gives the same
+    # adapter, whatever the number of processes (DDP then broadcasts rank 0's anyway).
+    torch.manual_seed(options.seed)
     model = add_lora(
         base,
         rank=options.rank,
