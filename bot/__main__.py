@@ -7,10 +7,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.config import ConfigError
+
+if TYPE_CHECKING:
+    from bot.config import Config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +80,32 @@ def run_export(args: argparse.Namespace, system_prompt: str, db: Path) -> int:
     return 0
 
 
+async def run_until_terminated(config: Config) -> None:
+    """Run the bot; SIGTERM (systemd, `docker stop`) stops it like Ctrl-C: platforms
+    drain their replies, then the engine and the store close."""
+    from bot.app import run
+
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+    except (NotImplementedError, RuntimeError):  # no signals here (Windows, not main)
+        pass
+    try:
+        await run(config)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        logging.getLogger("bot").info("stopped (SIGTERM)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bot.config import load_config
@@ -91,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from bot.app import run
-
     try:
-        asyncio.run(run(config))
+        asyncio.run(run_until_terminated(config))
     except ConfigError as exc:
         print(f"lorabot: {exc}", file=sys.stderr)
         return 2
