@@ -6,14 +6,20 @@ Relative paths in the file are relative to the file's folder.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from bot.discord_config import DiscordConfig
 from bot.telegram_config import TelegramConfig
-from engine.config import ConfigError, EngineConfig, ModelConfig, parse_sections
+from engine.config import (
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    parse_sections,
+    read_toml,
+    resolve_path,
+    with_resolved_paths,
+)
 from engine.serve_config import ServeConfig
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -88,38 +94,16 @@ def read_secret(section: str, env_name: str, file: str) -> str:
 
 
 def load_config(path: Path | None) -> Config:
-    """Read and check the TOML file; without one, every default applies."""
-    data: dict[str, Any] = {}
-    base = Path.cwd()
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        base = path.resolve().parent
-    sections = parse_sections(data, SECTIONS)
-    config = Config(**sections)
-    return _resolve_paths(config, base)
-
-
-def _resolve_paths(config: Config, base: Path) -> Config:
-    def resolve(value: str) -> str:
-        if not value or value == "embedded":
-            return value
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else base / path)
-
+    """Read and check the TOML file; without one, every default applies. Relative paths
+    are relative to the file's folder."""
+    data, folder = read_toml(path)
+    config = Config(**parse_sections(data, SECTIONS))
     return replace(
         config,
-        model=replace(
-            config.model,
-            base=resolve(config.model.base),
-            adapter=resolve(config.model.adapter),
-            cache_dir=resolve(config.model.cache_dir),
+        model=with_resolved_paths(config.model, folder),
+        storage=replace(config.storage, path=resolve_path(config.storage.path, folder)),
+        telegram=replace(
+            config.telegram, token_file=resolve_path(config.telegram.token_file, folder)
         ),
-        storage=replace(config.storage, path=resolve(config.storage.path)),
-        telegram=replace(config.telegram, token_file=resolve(config.telegram.token_file)),
-        discord=replace(config.discord, token_file=resolve(config.discord.token_file)),
+        discord=replace(config.discord, token_file=resolve_path(config.discord.token_file, folder)),
     )

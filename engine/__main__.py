@@ -12,12 +12,18 @@ import asyncio
 import logging
 import signal
 import sys
-import tomllib
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, EngineConfig, ModelConfig, parse_sections
+from engine.config import (
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    parse_sections,
+    read_toml,
+    with_resolved_paths,
+)
 from engine.serve_config import ServeConfig
 from engine.types import Engine
 
@@ -39,31 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_sections(path: Path | None) -> dict[str, Any]:
     """[model], [engine], [serve] of the file; relative model paths are relative to it."""
-    data: dict[str, Any] = {}
-    base = Path.cwd()
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        base = path.resolve().parent
+    data, folder = read_toml(path)
     sections = parse_sections(data, SECTIONS, allow_other_sections=True)
-
-    def resolve(value: str) -> str:
-        if not value or value == "embedded":
-            return value
-        found = Path(value).expanduser()
-        return str(found if found.is_absolute() else base / found)
-
-    model: ModelConfig = sections["model"]
-    sections["model"] = replace(
-        model,
-        base=resolve(model.base),
-        adapter=resolve(model.adapter),
-        cache_dir=resolve(model.cache_dir),
-    )
+    sections["model"] = with_resolved_paths(sections["model"], folder)
     return sections
 
 

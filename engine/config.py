@@ -8,9 +8,11 @@ at once, with its value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from engine.types import SamplingParams
@@ -114,6 +116,38 @@ class EngineConfig:
         ]
         if problems:
             raise ConfigError("\n".join(problems))
+
+
+def read_toml(path: Path | None) -> tuple[dict[str, Any], Path]:
+    """The file's tables, and the folder its relative paths are relative to (the
+    current folder when there is no file: then every default applies)."""
+    if path is None:
+        return {}, Path.cwd()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return data, path.resolve().parent
+
+
+def resolve_path(value: str, folder: Path) -> str:
+    """A path from the config, relative to the config file's folder ("" and
+    "embedded" stay as they are)."""
+    if not value or value == "embedded":
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else folder / path)
+
+
+def with_resolved_paths(model: ModelConfig, folder: Path) -> ModelConfig:
+    return dataclasses.replace(
+        model,
+        base=resolve_path(model.base, folder),
+        adapter=resolve_path(model.adapter, folder),
+        cache_dir=resolve_path(model.cache_dir, folder),
+    )
 
 
 def parse_sections(

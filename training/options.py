@@ -8,12 +8,17 @@ Defaults follow the seed recipe (tloen/alpaca-lora: lr 3e-4, r 8, alpha 16, drop
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, ModelConfig, parse_sections
+from engine.config import (
+    ConfigError,
+    ModelConfig,
+    parse_sections,
+    read_toml,
+    with_resolved_paths,
+)
 
 # Options that may differ when a run is resumed; every other one must match. (Moved
 # data files are fine: the data's hash is checked instead.)
@@ -118,26 +123,9 @@ def model_config(config_file: Path | None, overrides: dict[str, Any]) -> ModelCo
     to the file, as the bot reads them), then the command line's non-None overrides."""
     model = ModelConfig()
     if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {config_file} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config_file}: not valid TOML: {exc}") from None
+        data, folder = read_toml(config_file)
         model = parse_sections(data, {"model": ModelConfig}, allow_other_sections=True)["model"]
-        folder = config_file.resolve().parent
-        model = dataclasses.replace(
-            model,
-            base=_relative_to(model.base, folder),
-            cache_dir=_relative_to(model.cache_dir, folder),
-            adapter="",  # a run trains a fresh adapter on the base
-        )
+        # A run trains a fresh adapter on the base.
+        model = dataclasses.replace(with_resolved_paths(model, folder), adapter="")
     given = {key: value for key, value in overrides.items() if value is not None}
     return dataclasses.replace(model, **given)
-
-
-def _relative_to(value: str, folder: Path) -> str:
-    if not value or value == "embedded":
-        return value
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else folder / path)
