@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -201,6 +202,31 @@ def attach_adapter(model: Any, folder: Path, *, merge: bool) -> tuple[Any, str]:
     if merge:
         return peft_model.merge_and_unload(), folder.name
     return peft_model, folder.name
+
+
+def choose_chat_format(configured: str, adapter: str) -> str:
+    """The chat format to serve with: an adapter made by `python -m training` records
+    the one it was trained with (training.json); under "auto" that one is used, so
+    serving never drifts from training. An explicit, different choice is kept, with a
+    warning."""
+    if not adapter:
+        return configured
+    meta = Path(adapter).expanduser() / "training.json"
+    try:
+        trained = json.loads(meta.read_text(encoding="utf-8")).get("chat_format")
+    except (OSError, ValueError):
+        return configured
+    if not isinstance(trained, str) or trained == configured:
+        return configured
+    if configured == "auto":
+        log.info("serving with the chat format the adapter was trained with: %s", trained)
+        return trained
+    log.warning(
+        "[model] chat_format = %r, but the adapter was trained with %r: answers may suffer",
+        configured,
+        trained,
+    )
+    return configured
 
 
 def _eos_ids(model: Any) -> tuple[int, ...]:

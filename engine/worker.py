@@ -27,7 +27,7 @@ from engine.chat_format import ChatFormat, make_chat_format
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenize import IncrementalDecoder, StopFilter
 from engine.llama import LlamaRunner, supports
-from engine.loading import load_model
+from engine.loading import choose_chat_format, load_model
 from engine.sampling import sample_next
 from engine.stream import TextStream
 from engine.types import (
@@ -151,7 +151,9 @@ class LocalEngine:
             torch.set_num_threads(engine_cfg.threads)
         loaded = load_model(model_cfg)
         chat_format = make_chat_format(
-            model_cfg.chat_format, loaded.tokenizer, extra_stop_ids=loaded.eos_token_ids
+            choose_chat_format(model_cfg.chat_format, model_cfg.adapter),
+            loaded.tokenizer,
+            extra_stop_ids=loaded.eos_token_ids,
         )
         return cls(
             loaded.model,

@@ -42,3 +42,15 @@ def test_quantization_without_cuda_is_a_clear_error() -> None:
 def test_missing_model_folder_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="not 'embedded', a .gguf file, or a model folder"):
         load_model(ModelConfig(base=str(tmp_path / "nope")))
+
+
+def test_an_adapter_is_served_with_the_chat_format_it_was_trained_with(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from engine.loading import choose_chat_format
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "training.json").write_text('{"chat_format": "alpaca"}')
+    assert choose_chat_format("auto", str(adapter)) == "alpaca"
+    assert choose_chat_format("template", str(adapter)) == "template"  # explicit wins
+    assert choose_chat_format("auto", "") == "auto"
+    assert choose_chat_format("auto", str(tmp_path / "no-metadata")) == "auto"
