@@ -74,6 +74,10 @@ class LlamaRunner:
         # Never read past a sequence's length, so no need to zero (pages stay untouched).
         self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cuda":
+            # torch sends SDPA to cuDNN by default, which builds a plan for every new
+            # shape (40 ms - 2 s); prefill meets a new length every chunk.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         # Fused Triton kernels on CUDA; plain PyTorch ops elsewhere.
         self.fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
