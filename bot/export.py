@@ -122,7 +122,10 @@ def read_rows(db: Path, platforms: Sequence[str]) -> dict[int, Row]:
             where += f" AND m.platform IN ({', '.join('?' * len(platforms))})"
         rows = connection.execute(
             "SELECT m.id, m.platform, m.user_id, m.role, m.text, m.created_at, m.parent_id,"
-            " f.rating FROM messages m LEFT JOIN feedback f ON f.message_id = m.id"
+            # Several users may rate one answer: its rating is the sign of their sum.
+            " (SELECT CASE WHEN SUM(f.rating) > 0 THEN 1 WHEN SUM(f.rating) < 0 THEN -1"
+            " ELSE 0 END FROM feedback f WHERE f.message_id = m.id)"
+            " FROM messages m"
             f" WHERE {where} ORDER BY m.id",
             tuple(platforms),
         ).fetchall()

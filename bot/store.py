@@ -75,6 +75,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX platform_messages_by_message ON platform_messages (message_id);
     """,
+    # 4: one rating per (answer, user): in a group everyone's 👍/👎 counts
+    """
+    CREATE TABLE feedback_by_user (
+        message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+        created_at REAL NOT NULL,
+        PRIMARY KEY (message_id, user_id)
+    );
+    INSERT INTO feedback_by_user SELECT message_id, user_id, rating, created_at FROM feedback;
+    DROP TABLE feedback;
+    ALTER TABLE feedback_by_user RENAME TO feedback;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -344,7 +357,8 @@ class Store:
         return {"users": users, "conversations": conversations, "messages": messages}
 
     async def rate(self, message_id: int, user_id: str, rating: int) -> bool:
-        """Store a 👍 (1) / 👎 (-1) for an assistant message; False if there is none."""
+        """Store a user's 👍 (1) / 👎 (-1) for an assistant message (their latest counts;
+        each user's rating is kept); False if there is no such message."""
         if rating not in (-1, 1):
             raise ValueError(f"rating {rating}: must be -1 or 1")
         sql = "SELECT 1 FROM messages WHERE id=? AND role='assistant'"
@@ -353,8 +367,8 @@ class Store:
                 return False
         await self._db.execute(
             "INSERT INTO feedback (message_id, user_id, rating, created_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (message_id) DO UPDATE SET"
-            " user_id=excluded.user_id, rating=excluded.rating, created_at=excluded.created_at",
+            " ON CONFLICT (message_id, user_id) DO UPDATE SET"
+            " rating=excluded.rating, created_at=excluded.created_at",
             (message_id, user_id, rating, time.time()),
         )
         return True

@@ -100,6 +100,19 @@ async def test_ratings_only_for_assistant_messages_and_last_one_wins(tmp_path: P
         assert db.execute("SELECT message_id, rating FROM feedback").fetchall() == [(answer, -1)]
 
 
+async def test_every_users_rating_of_an_answer_is_kept(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "bot.db")
+    conv = await store.open_conversation("test", "group", "group")
+    await add(store, conv, "user", "q")
+    answer = await add(store, conv, "assistant", "a")
+    for user, rating in (("ann", 1), ("bob", -1), ("cy", 1), ("bob", 1)):
+        assert await store.rate(answer, user, rating)
+    await store.close()
+    with sqlite3.connect(tmp_path / "bot.db") as db:
+        rows = db.execute("SELECT user_id, rating FROM feedback ORDER BY user_id").fetchall()
+    assert rows == [("ann", 1), ("bob", 1), ("cy", 1)]
+
+
 async def test_concurrent_writers_from_two_connections(tmp_path: Path) -> None:
     path = tmp_path / "shared.db"
     stores = [await Store.open(path), await Store.open(path)]
