@@ -90,6 +90,7 @@ class LocalEngine:
         slot_tokens: int = 0,
         prefill_chunk: int = 512,
         cuda_graphs: bool = True,
+        serves_base: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -97,6 +98,7 @@ class LocalEngine:
         self.context_window = context_window
         self.adapter_name = adapter_name
         self.model_name = model_name
+        self.serves_base = serves_base
         self._stall_timeout_s = stall_timeout_s
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
         self._device = next(model.parameters()).device
@@ -168,6 +170,7 @@ class LocalEngine:
             slot_tokens=engine_cfg.slot_tokens,
             prefill_chunk=engine_cfg.prefill_chunk,
             cuda_graphs=engine_cfg.cuda_graphs,
+            serves_base=not loaded.adapter_name,
         )
 
     # asyncio side -------------------------------------------------------------------
@@ -182,7 +185,10 @@ class LocalEngine:
         return len(self.chat_format.encode(messages))
 
     def models(self) -> list[str]:
-        return [self.model_name] + ([self.adapter_name] if self.adapter_name else [])
+        """Names a request may ask for. A configured adapter is merged into the weights
+        (or wraps them), so then the base alone is not served: only the adapter is."""
+        names = [self.model_name] if self.serves_base else []
+        return names + ([self.adapter_name] if self.adapter_name else [])
 
     def stream(
         self,

@@ -212,6 +212,8 @@ async def test_merged_model_and_adapter_answer_alike_through_the_engine(
         LocalEngine.from_config(ModelConfig(base=str(merged)), EngineConfig()),
         LocalEngine.from_config(ModelConfig(base=base), EngineConfig()),
     ]
+    # The adapter is merged into the weights: only its name is served, never the base's.
+    assert engines[0].models() == [straight_run.name]
     try:
         answers = [await greedy(engine, "Where does Mira live?") for engine in engines]
     finally:
