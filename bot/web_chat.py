@@ -18,8 +18,9 @@ from typing import Any
 from aiohttp import web
 
 from bot.service import ChatService, Incoming
+from engine.openai_api import ApiError
 from engine.serve_config import ServeConfig
-from engine.server import ApiError, create_app, start_server
+from engine.server import create_app, start_server
 from engine.types import Engine, SamplingParams
 
 log = logging.getLogger(__name__)
