@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.terminal_checks import check_france_turns
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,22 +45,8 @@ def run_piped(config: Path, lines: str) -> subprocess.CompletedProcess[str]:
 def test_piped_turns_are_answered_in_order_and_stored(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = run_piped(config, "What is the capital of France?\n/help\n/retry\n")
-    assert result.returncode == 0, result.stderr
-    answers = [line for line in result.stdout.splitlines() if line.startswith("bot> ")]
-    assert "Paris" in answers[0]
-    assert "/reset" in result.stdout  # the help text
-    assert "Paris" in answers[-1]  # /retry answered the same question again
-    with sqlite3.connect(tmp_path / "chat.db") as db:
-        stored = db.execute(
-            "SELECT role, status, text, tokens, adapter FROM messages ORDER BY id"
-        ).fetchall()
-    assert [(r[0], r[1]) for r in stored] == [
-        ("user", "ok"),
-        ("assistant", "superseded"),
-        ("assistant", "ok"),
-    ]
+    stored = check_france_turns(result, tmp_path / "chat.db")
     assert stored[0][2] == "What is the capital of France?"
-    assert "Paris" in stored[2][2] and stored[2][3] > 0
 
 
 class Terminal:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import select
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
+from tests.terminal_checks import check_france_turns
 
 openai = pytest.importorskip("openai", reason="the openai client is a test extra")
 
@@ -97,21 +98,7 @@ def test_the_bot_over_the_openai_backend(
         env=env,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
-    answers = [line for line in result.stdout.splitlines() if line.startswith("bot> ")]
-    assert "Paris" in answers[0]
-    assert "/reset" in result.stdout  # the help text
-    assert "Paris" in answers[-1]  # /retry answered the same question again
-    with sqlite3.connect(tmp_path / "chat.db") as db:
-        stored = db.execute(
-            "SELECT role, status, text, tokens, adapter FROM messages ORDER BY id"
-        ).fetchall()
-    assert [(r[0], r[1]) for r in stored] == [
-        ("user", "ok"),
-        ("assistant", "superseded"),
-        ("assistant", "ok"),
-    ]
-    assert "Paris" in stored[2][2] and stored[2][3] > 0
+    stored = check_france_turns(result, tmp_path / "chat.db")
     assert stored[2][4] == "SmolLM2-135M-Instruct"  # the served model answered
     with capsys.disabled():
         print(f"\nbot over HTTP: two answers in {time.perf_counter() - started:.1f} s")
