@@ -34,6 +34,14 @@ class Batch:
     position_ids: torch.Tensor  # (B, T) int64, restarting at 0 for each example
     tokens: int  # real (non-padding) tokens
     targets: int  # positions the loss is taken over
+    # Where each example (and each row's padding) starts in the flattened (B*T) batch,
+    # and where the last ends: the variable-length attention's boundaries.
+    bounds: tuple[int, ...] = ()
+    cu_seqlens: torch.Tensor | None = None  # bounds as an int32 tensor
+
+    @property
+    def max_seqlen(self) -> int:
+        return max((b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False)), default=0)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -42,6 +50,8 @@ class Batch:
             self.position_ids.to(device),
             self.tokens,
             self.targets,
+            self.bounds,
+            self.cu_seqlens.to(device) if self.cu_seqlens is not None else None,
         )
 
 
@@ -78,11 +88,13 @@ def collate(rows: Sequence[Row], examples: Sequence[Example], pad_id: int) -> Ba
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    bounds = [0]
     for r, row in enumerate(rows):
         at = 0
         for index in row.examples:
             example = examples[index]
             size = len(example)
+            bounds.append(r * width + at + size)
             ids = example.input_ids.long()
             input_ids[r, at : at + size] = ids
             labels[r, at : at + size] = torch.where(example.trained, ids, IGNORE)
@@ -90,12 +102,16 @@ def collate(rows: Sequence[Row], examples: Sequence[Example], pad_id: int) -> Ba
             at += size
         # Padding counts from 0 again: a block of its own that nothing attends to.
         position_ids[r, at:] = torch.arange(width - at)
+        if at < width:
+            bounds.append((r + 1) * width)
     return Batch(
         input_ids=input_ids,
         labels=labels,
         position_ids=position_ids,
         tokens=sum(row.length for row in rows),
         targets=int((labels[:, 1:] != IGNORE).sum()),
+        bounds=tuple(bounds),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
     )
 
 

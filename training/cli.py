@@ -90,7 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj",
     )
     train.add_argument("--packing", action="store_true", help="pack short examples into rows")
-    train.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
+    train.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each layer in backward: less memory, one extra forward",
+    )
+    train.add_argument(
+        "--fast-paths",
+        action=argparse.BooleanOptionalAction,
+        default=d.fast_paths,
+        help="fused LoRA, loss on trained positions, variable-length attention "
+        "(--no-fast-paths: plain transformers/peft, for comparison)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
     merge = commands.add_parser("merge", help="merge an adapter into its base model")

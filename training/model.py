@@ -91,20 +91,18 @@ def add_lora(
     dropout: float,
     target_modules: tuple[str, ...],
     gradient_checkpointing: bool,
-    quantized: bool,
 ) -> Any:
-    """A peft model whose only trainable weights are the LoRA matrices (float32)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """A peft model whose only trainable weights are the LoRA matrices (float32).
+
+    A quantized base is not put through peft's prepare_model_for_kbit_training: it
+    casts the norms, embeddings and head to float32, which makes every activation
+    float32 (twice the memory, no bfloat16 matmuls). Like LLaMA-Factory, the base keeps
+    its dtype; the adapter alone is float32."""
+    from peft import LoraConfig, get_peft_model
 
     model = base.model
     model.config.use_cache = False
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
+    if gradient_checkpointing:
         enable_checkpointing(model)
     targets: str | list[str] = (
         "all-linear" if target_modules == ("all-linear",) else list(target_modules)

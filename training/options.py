@@ -35,6 +35,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "keep_checkpoints",
         "samples",
         "sample_tokens",
+        "fast_paths",  # the same function computed faster (training/fast.py)
     }
 )
 
@@ -66,6 +67,7 @@ class TrainOptions:
     seed: int = 42
     packing: bool = False
     gradient_checkpointing: bool = False
+    fast_paths: bool = True  # training/fast.py; False: plain transformers/peft
     train_on_inputs: bool = False
     resume: bool = False
     samples: int = 3  # held-out prompts answered before/after in the report

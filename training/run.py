@@ -22,6 +22,7 @@ import torch
 from engine.chat_format import ChatFormat, make_chat_format
 from engine.config import ModelConfig
 from engine.loading import pick_device
+from training import fast
 from training.batching import Plan, Row, pack_rows, single_rows
 from training.checkpoint import (
     ADAPTER_FILE,
@@ -239,8 +240,9 @@ def train(options: TrainOptions, model_cfg: ModelConfig) -> dict[str, Any]:
         dropout=options.dropout,
         target_modules=options.target_modules,
         gradient_checkpointing=options.gradient_checkpointing,
-        quantized=model_cfg.quantization != "none",
     )
+    if options.fast_paths:
+        fast.enable(model)
     optimizer, scheduler, factor = make_optimizer(model, options, total_steps)
     meta = {
         "options": options.as_dict(),
@@ -291,6 +293,8 @@ def finish(
     """The adapter (checked), sample answers, training.json, loss.png and report.md."""
     plain = run.accelerator.unwrap_model(run.model)
     save_adapter(plain, run.out)
+    if fast.paths_of(plain) is not None:
+        fast.use_sdpa(plain)  # generation builds its masks the usual way
     prompts = sample_prompts([to_messages(c) for c in val_convs], run.options.samples)
     samples = answer_samples(plain, chat_format, prompts, run.options.sample_tokens)
     write_metadata(run.out, metadata)
@@ -352,6 +356,7 @@ def build_metadata(
             "val_tokens": val_stats.as_dict(),
         },
         "options": run.options.as_dict(),
+        "fast_paths": paths.as_dict() if (paths := fast.paths_of(run.model)) else None,
         "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
         "world_size": run.accelerator.num_processes,
         "metrics": {

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training import fast
 from training.batching import IGNORE, Batch, Row, collate
 from training.examples import Example
 
@@ -45,8 +46,22 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def forward_loss(model: Any, batch: Batch) -> torch.Tensor:
-    # No attention mask: position ids carry the example boundaries (batching.py).
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    # No attention mask: position ids carry the example boundaries (batching.py), and
+    # with the fast paths (training/fast.py) so do the bounds.
+    paths = fast.paths_of(model)
+    kwargs: dict[str, Any] = {}
+    if paths is not None and paths.packed_attention:
+        kwargs = {
+            "lorabot_cu_seqlens": batch.cu_seqlens,
+            "lorabot_max_seqlen": batch.max_seqlen,
+            "lorabot_bounds": batch.bounds,
+        }
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, **kwargs}
+    if paths is not None and paths.head_loss:
+        with fast.hidden_out(model) as head_weight:
+            hidden = model(**inputs, use_cache=False).logits
+        return fast.head_loss_sum(hidden, head_weight, batch.labels, IGNORE)
+    out = model(**inputs, use_cache=False)
     return token_loss_sum(out.logits, batch.labels)
 
 

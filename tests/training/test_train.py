@@ -125,18 +125,18 @@ def test_an_existing_run_is_never_silently_restarted(
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     small_chat: Path, tiny_dir: Path, tmp_path: Path, run_cli: Runner, monkeypatch: Any
 ) -> None:
-    real = training.step.token_loss_sum
+    real = training.step.forward_loss
     calls = {"train": 0}
 
-    def diverging(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = real(logits, labels)
+    def diverging(model: Any, batch: Any) -> torch.Tensor:
+        loss = real(model, batch)
         if torch.is_grad_enabled():  # training micro-batches only, not eval
             calls["train"] += 1
             if calls["train"] > 2 * 3:  # two micro-batches a step: step 4 diverges
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(training.step, "token_loss_sum", diverging)
+    monkeypatch.setattr(training.step, "forward_loss", diverging)
     out = tmp_path / "run"
     code, _, err = run_cli(
         *train_args(small_chat, tiny_dir, out, "--max-steps", 8, "--save-every", 2)
@@ -150,7 +150,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     kept = load_file(str(out / "checkpoints" / "step-000002" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in kept.values())
     # The advice works: resuming with a lower learning rate finishes the run.
-    monkeypatch.setattr(training.step, "token_loss_sum", real)
+    monkeypatch.setattr(training.step, "forward_loss", real)
     code, _, err = run_cli(
         *train_args(small_chat, tiny_dir, out, "--max-steps", 8, "--save-every", 2),
         "--resume", "--lr", "5e-4",

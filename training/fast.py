@@ -1,0 +1,325 @@
+"""Fast paths for LoRA training on a frozen base: same function, fewer bytes and FLOPs.
+
+Three replacements, each checked against the plain transformers/peft path
+(tests/training/test_fast.py) and measured on the GPU (benchmarks/train_bench.py):
+
+- **LoRA in the activations' dtype, one autograd node.** peft casts each layer's input
+  to the adapter's float32, applies dropout to a copy, and keeps both for backward: two
+  extra copies of every linear layer's input, and float32 matmuls. Here the adapter's
+  matrices are cast to the input's dtype (bfloat16 on a GPU; float32 accumulation in the
+  matmul), the adapter keeps float32 master weights and gets float32 gradients, and
+  backward needs only the input (already kept for the base layer) and the rank-r
+  product.
+- **Loss on trained positions only, chunked, without keeping logits.** The head runs on
+  the positions that have a target (an Alpaca prompt has none), a few thousand rows at
+  a time; the gradient of each chunk is taken in the forward pass, so no (tokens x
+  vocab) float32 tensor outlives its chunk.
+- **Packed rows through variable-length flash attention.** transformers turns packed
+  position ids into a dense block-diagonal mask, which rules out the flash kernel; with
+  the example boundaries known at collation, `torch.nn.attention.varlen` attends within
+  each example directly. Without CUDA it falls back to per-example SDPA.
+
+`--no-fast-paths` trains with plain transformers/peft for comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ATTENTION = "lorabot_packed"
+LOSS_CHUNK = 4096  # positions per head/loss chunk: (4096 x vocab) float32 at a time
+
+
+# LoRA ------------------------------------------------------------------------------
+class _LoraDelta(torch.autograd.Function):
+    """scaling * dropout(x) @ A.T @ B.T in x's dtype; A, B get gradients in their own."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        p: float,
+    ) -> torch.Tensor:
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+        keep = None
+        dropped = x
+        if p > 0.0:
+            keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+            dropped = x * keep * (1.0 / (1.0 - p))
+        xa = dropped @ a_c.T  # (..., r)
+        ctx.save_for_backward(dropped, xa, a_c, b_c, keep)
+        ctx.scaling, ctx.p = scaling, p
+        ctx.dtypes = (a.dtype, b.dtype)
+        return (xa * scaling) @ b_c.T
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        dropped, xa, a_c, b_c, keep = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = (g @ b_c) * s  # (N, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gb @ a_c).view(*grad.shape[:-1], a_c.shape[1])
+            if keep is not None:
+                grad_x = grad_x * keep * (1.0 / (1.0 - ctx.p))
+        if ctx.needs_input_grad[1]:
+            grad_a = (gb.T @ dropped.reshape(-1, dropped.shape[-1])).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = ((g.T @ xa.reshape(-1, xa.shape[-1])) * s).to(ctx.dtypes[1])
+        return grad_x, grad_a, grad_b, None, None
+
+
+def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Replaces a peft LoRA linear layer's forward when one plain adapter is active."""
+    active = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    result = self.base_layer(x)
+    if name not in self.lora_A:
+        return result
+    dropout = self.lora_dropout[name]
+    p = float(getattr(dropout, "p", 0.0)) if self.training else 0.0
+    delta = _LoraDelta.apply(
+        x, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), p
+    )
+    return result + delta.to(result.dtype)
+
+
+def _plain_lora(module: Any) -> bool:
+    """A LoRA layer on a linear base with vanilla adapters (no DoRA or other variant)."""
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is None or not hasattr(module, "base_layer") or not len(lora_a):
+        return False
+    if any(not isinstance(layer, torch.nn.Linear) for layer in lora_a.values()):
+        return False
+    if any(getattr(module, "use_dora", {}).values()):
+        return False
+    return not getattr(module, "lora_variant", {})
+
+
+def fuse_lora(model: Any) -> int:
+    """Route every plain LoRA linear layer through _LoraDelta; returns how many."""
+    count = 0
+    for module in model.modules():
+        if _plain_lora(module):
+            module.forward = types.MethodType(_lora_forward, module)
+            count += 1
+    return count
+
+
+# loss ------------------------------------------------------------------------------
+class _HeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of hidden (N, H) through a frozen head weight (V, H)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            stop = start + chunk
+            logits = (hidden[start:stop] @ weight.T).float()
+            target = targets[start:stop]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, target[:, None])[:, 0]).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(probs.shape[0], device=probs.device), target] -= 1.0
+                grad[start:stop] = probs.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype), None, None, None
+
+
+def head_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore: int
+) -> torch.Tensor:
+    """hidden (B, T, H), labels (B, T): the summed loss of each position predicting the
+    next label, over positions whose next label is trained."""
+    targets = labels[:, 1:]
+    keep = targets != ignore
+    chosen = hidden[:, :-1][keep]
+    if chosen.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph (DDP) with a zero loss
+    return _HeadLoss.apply(chosen, weight, targets[keep], LOSS_CHUNK)  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def hidden_out(model: Any) -> Iterator[torch.Tensor]:
+    """Within the block the causal LM's `logits` are its final hidden states; yields
+    the head's weight."""
+    head = _causal_lm(model).get_output_embeddings()
+    head.forward = _identity
+    try:
+        yield head.weight
+    finally:
+        del head.forward
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _causal_lm(model: Any) -> Any:
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# attention -------------------------------------------------------------------------
+@functools.cache
+def _varlen() -> tuple[Any, frozenset[str]] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def packed_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    lorabot_cu_seqlens: torch.Tensor | None = None,
+    lorabot_max_seqlen: int = 0,
+    lorabot_bounds: tuple[int, ...] = (),
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, T, H, D),
+    each example of the flattened rows attending causally to itself only. Calls
+    without boundaries (generation, evaluation by other code) go to SDPA."""
+    if not lorabot_bounds:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(  # type: ignore[no-any-return]
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+    varlen = _varlen() if q.is_cuda else None
+    if varlen is not None and lorabot_cu_seqlens is not None:
+        out = _varlen_call(varlen, q, k, v, lorabot_cu_seqlens, lorabot_max_seqlen, scaling)
+    else:
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1),
+                    k[a:b].transpose(0, 1),
+                    v[a:b].transpose(0, 1),
+                    is_causal=True,
+                    scale=scaling,
+                    enable_gqa=heads != kv_heads,
+                ).transpose(0, 1)
+                for a, b in zip(lorabot_bounds[:-1], lorabot_bounds[1:], strict=True)
+            ]
+        )
+    return out.view(batch, length, heads, dim), None
+
+
+def _varlen_call(
+    varlen: tuple[Any, frozenset[str]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    scale: float | None,
+) -> torch.Tensor:
+    function, params = varlen
+    kwargs: dict[str, Any] = {"scale": scale}
+    if "is_causal" in params:  # torch 2.10/2.11
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return function(q, k, v, cu, cu, max_len, max_len, **kwargs)  # type: ignore[no-any-return]
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, packed_attention)
+
+
+def use_packed_attention(model: Any) -> None:
+    """Switch the causal LM to packed_attention (SDPA for calls without boundaries)."""
+    _register_attention()
+    lm = _causal_lm(model)
+    lm.set_attn_implementation(ATTENTION)
+
+
+def use_sdpa(model: Any) -> None:
+    _causal_lm(model).set_attn_implementation("sdpa")
+
+
+# the whole set ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class FastPaths:
+    lora_layers: int  # LoRA layers on the fused path
+    head_loss: bool  # chunked loss on trained positions
+    packed_attention: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lora_layers": self.lora_layers,
+            "head_loss": self.head_loss,
+            "packed_attention": self.packed_attention,
+        }
+
+
+def enable(model: Any) -> FastPaths:
+    """Turn on every fast path this model allows (call after get_peft_model)."""
+    lora_layers = fuse_lora(model)
+    head = _causal_lm(model).get_output_embeddings()
+    head_loss = (
+        isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
+    )
+    try:
+        use_packed_attention(model)
+        packed = True
+    except (ValueError, AttributeError, ImportError) as exc:
+        log.warning("packed attention unavailable (%s): using transformers' masks", exc)
+        packed = False
+    paths = FastPaths(lora_layers, head_loss, packed)
+    model.lorabot_fast = paths
+    log.info("fast paths: %s", paths.as_dict())
+    return paths
+
+
+def paths_of(model: Any) -> FastPaths | None:
+    plain = getattr(model, "module", model)
+    return getattr(plain, "lorabot_fast", None)
