@@ -12,8 +12,10 @@ Runs (each: warm-up steps, then timed optimizer steps of `--accum` micro-batches
              micro-batch 4, fast paths, LoRA r8 q,v (same adapter as the baseline)
   lorabot-all-linear   the same with lorabot's default targets (all linear layers)
   packed-r16  packed 2048-token rows, micro-batch 8, r16 all-linear (fast paths)
-  packed-r16-plain     the same with --no-fast-paths (plain transformers/peft)
   packed-r16-ckpt      the same with gradient checkpointing
+  packed-r16-b4, packed-r16-b4-plain   micro-batch 4, with and without the fast paths
+             (the plain path does not fit micro-batch 8 in 141 GB): speed, and the
+             same loss curve from the same seed
   qlora4      4-bit NF4 base (bitsandbytes), r16 all-linear, packed 512-token rows,
               micro-batch 4, gradient checkpointing; qlora4-no-ckpt without it
 Real tokens/s counts tokens of examples (no padding). MFU counts 4 x (linear weights)
@@ -246,6 +248,8 @@ def lorabot_run(
 
     result = measure(name, step, args, device, base_model)
     result.padded_fraction = 1 - widths[0] / max(widths[1], 1)
+    if name in args.profile.split(","):
+        profile(name, step, args)
     result.notes = {
         "rank": rank, "targets": list(targets), "max_len": max_len, "batch_size": batch_size,
         "fast_paths": paths.as_dict() if paths else None, "checkpointing": checkpointing,
@@ -289,6 +293,26 @@ def measure(name: str, step: Any, args: Any, device: torch.device, model: Any) -
         flush=True,
     )
     return result
+
+
+def profile(name: str, step: Any, args: Any) -> None:
+    """One more step under torch.profiler: the operators that took the GPU's time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    try:
+        table = averages.table(sort_by="self_device_time_total", row_limit=40)
+    except (AttributeError, KeyError, ValueError):
+        table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
+    head = "\n".join(table.splitlines()[:22])
+    print(f"--- profile of {name} (one step) ---\n{head}", flush=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"profile-{name}.txt").write_text(table)
 
 
 def quantize_4bit(model: Any) -> None:
@@ -351,6 +375,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
     parser.add_argument("--only", default="", help="comma-separated run names")
     parser.add_argument("--skip-qlora", action="store_true")
+    parser.add_argument(
+        "--profile", default="", help="comma-separated run names: print their top kernels"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.small:
         sys.exit("train_bench needs a CUDA GPU (or --small for a CPU smoke test)")
@@ -383,9 +410,12 @@ def main() -> None:
         ("packed-r16", lambda: lorabot_run(
             "packed-r16", model, long_rows, args, device, rank=16, targets=every,
             max_len=2048, batch_size=8, dropout=0.0)),
-        ("packed-r16-plain", lambda: lorabot_run(
-            "packed-r16-plain", model, long_rows, args, device, rank=16, targets=every,
-            max_len=2048, batch_size=8, dropout=0.0, fast_paths=False)),
+        ("packed-r16-b4", lambda: lorabot_run(
+            "packed-r16-b4", model, long_rows, args, device, rank=16, targets=every,
+            max_len=2048, batch_size=4, dropout=0.0)),
+        ("packed-r16-b4-plain", lambda: lorabot_run(
+            "packed-r16-b4-plain", model, long_rows, args, device, rank=16, targets=every,
+            max_len=2048, batch_size=4, dropout=0.0, fast_paths=False)),
         ("packed-r16-ckpt", lambda: lorabot_run(
             "packed-r16-ckpt", model, long_rows, args, device, rank=16, targets=every,
             max_len=2048, batch_size=8, dropout=0.0, checkpointing=True)),

@@ -36,22 +36,36 @@ class Batch:
     targets: int  # positions the loss is taken over
     # Where each example (and each row's padding) starts in the flattened (B*T) batch,
     # and where the last ends: the variable-length attention's boundaries.
-    bounds: tuple[int, ...] = ()
-    cu_seqlens: torch.Tensor | None = None  # bounds as an int32 tensor
+    bounds: tuple[int, ...]
+    cu_seqlens: torch.Tensor  # bounds as an int32 tensor
+    # Flat (B*T) indices of the positions that predict a trained token, and those
+    # tokens: computed here so the GPU never waits for the host to find them.
+    loss_positions: torch.Tensor
+    loss_targets: torch.Tensor
 
     @property
     def max_seqlen(self) -> int:
         return max((b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False)), default=0)
 
     def to(self, device: torch.device) -> Batch:
+        """On a GPU the copies are asynchronous (from pinned memory): the host goes on
+        queueing work instead of waiting for the GPU to drain."""
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda":
+                return tensor.pin_memory().to(device, non_blocking=True)
+            return tensor.to(device)
+
         return Batch(
-            self.input_ids.to(device),
-            self.labels.to(device),
-            self.position_ids.to(device),
+            move(self.input_ids),
+            move(self.labels),
+            move(self.position_ids),
             self.tokens,
             self.targets,
             self.bounds,
-            self.cu_seqlens.to(device) if self.cu_seqlens is not None else None,
+            move(self.cu_seqlens),
+            move(self.loss_positions),
+            move(self.loss_targets),
         )
 
 
@@ -104,15 +118,26 @@ def collate(rows: Sequence[Row], examples: Sequence[Example], pad_id: int) -> Ba
         position_ids[r, at:] = torch.arange(width - at)
         if at < width:
             bounds.append((r + 1) * width)
+    positions, targets = loss_targets(labels)
     return Batch(
         input_ids=input_ids,
         labels=labels,
         position_ids=position_ids,
         tokens=sum(row.length for row in rows),
-        targets=int((labels[:, 1:] != IGNORE).sum()),
+        targets=int(targets.numel()),
         bounds=tuple(bounds),
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        loss_positions=positions,
+        loss_targets=targets,
     )
+
+
+def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (B, T) -> (flat indices p into B*T whose next label is trained, those
+    labels): position p is where the model predicts token p + 1."""
+    following = labels[:, 1:]
+    rows, cols = (following != IGNORE).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, following[rows, cols]
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,17 @@
 """Fast paths for LoRA training on a frozen base: same function, fewer bytes and FLOPs.
 
-Three replacements, each checked against the plain transformers/peft path
-(tests/training/test_fast.py) and measured on the GPU (benchmarks/train_bench.py):
+Four replacements, each checked against the plain transformers/peft path
+(tests/training/test_fast.py, tests/training/test_gpu_fast.py) and measured on the GPU
+(benchmarks/train_bench.py):
 
-- **LoRA in the activations' dtype, one autograd node.** peft casts each layer's input
-  to the adapter's float32, applies dropout to a copy, and keeps both for backward: two
-  extra copies of every linear layer's input, and float32 matmuls. Here the adapter's
-  matrices are cast to the input's dtype (bfloat16 on a GPU; float32 accumulation in the
-  matmul), the adapter keeps float32 master weights and gets float32 gradients, and
-  backward needs only the input (already kept for the base layer) and the rank-r
-  product.
+- **LoRA in the activations' dtype, fused with its base layer.** peft casts each
+  layer's input to the adapter's float32, applies dropout to a copy, keeps both for
+  backward, and adds the adapter's output (and in backward its input gradient) as
+  tensors of their own. Here the adapter's matrices are cast to the input's dtype
+  (bfloat16 on a GPU; float32 accumulation in the matmul), their product is added into
+  the base layer's output in place (`addmm_`), and backward keeps only the input, which
+  other layers keep anyway, and the rank-r product. The adapter keeps float32 master
+  weights and gets float32 gradients.
 - **Loss on trained positions only, chunked, without keeping logits.** The head runs on
   the positions that have a target (an Alpaca prompt has none), a few thousand rows at
   a time; the gradient of each chunk is taken in the forward pass, so no (tokens x
@@ -18,6 +20,9 @@ Three replacements, each checked against the plain transformers/peft path
   position ids into a dense block-diagonal mask, which rules out the flash kernel; with
   the example boundaries known at collation, `torch.nn.attention.varlen` attends within
   each example directly. Without CUDA it falls back to per-example SDPA.
+- **Fused RMSNorm, RoPE and SiLU*up** from Liger Kernel (Triton), when it is installed
+  and the model is on a GPU: transformers' versions run in float32 with several passes
+  over the activations each, and keep float32 copies for backward.
 
 `--no-fast-paths` trains with plain transformers/peft for comparison.
 """
@@ -85,21 +90,82 @@ class _LoraDelta(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None
 
 
+class _LoraLinear(torch.autograd.Function):
+    """x @ W.T + scaling * dropout(x) @ A.T @ B.T for a frozen, bias-free W of x's dtype:
+    the adapter's product is added into the base output in place, and in backward its
+    input gradient into the base's, so neither is a tensor of its own."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        p: float,
+    ) -> torch.Tensor:
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        keep = None
+        dropped = flat
+        if p > 0.0:
+            keep = torch.empty_like(flat, dtype=torch.bool).bernoulli_(1.0 - p)
+            dropped = flat * keep * (1.0 / (1.0 - p))
+        xa = dropped @ a_c.T  # (N, r)
+        out = flat @ weight.T
+        out.addmm_(xa, b_c.T, alpha=scaling)
+        ctx.save_for_backward(flat, weight, xa, a_c, b_c, keep)
+        ctx.scaling, ctx.p = scaling, p
+        ctx.dtypes = (a.dtype, b.dtype)
+        ctx.shape = x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        flat, weight, xa, a_c, b_c, keep = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = (g @ b_c) * s  # (N, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight
+            if keep is None:
+                grad_x.addmm_(gb, a_c)
+            else:
+                grad_x += (gb @ a_c) * keep * (1.0 / (1.0 - p))
+            grad_x = grad_x.view(ctx.shape)
+        if ctx.needs_input_grad[2]:
+            dropped = flat if keep is None else flat * keep * (1.0 / (1.0 - p))
+            grad_a = (gb.T @ dropped).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[3]:
+            grad_b = ((g.T @ xa) * s).to(ctx.dtypes[1])
+        return grad_x, None, grad_a, grad_b, None, None
+
+
 def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """Replaces a peft LoRA linear layer's forward when one plain adapter is active."""
     active = self.active_adapters
     if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
-    result = self.base_layer(x)
+    base = self.base_layer
     if name not in self.lora_A:
-        return result
+        return base(x)
     dropout = self.lora_dropout[name]
     p = float(getattr(dropout, "p", 0.0)) if self.training else 0.0
-    delta = _LoraDelta.apply(
-        x, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), p
-    )
-    return result + delta.to(result.dtype)
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    scaling = float(self.scaling[name])
+    if (
+        type(base) is torch.nn.Linear
+        and base.bias is None
+        and not base.weight.requires_grad
+        and base.weight.dtype == x.dtype
+    ):
+        return _LoraLinear.apply(x, base.weight, a, b, scaling, p)
+    # Quantized (bitsandbytes) or otherwise special base layers run themselves.
+    result = base(x)
+    return result + _LoraDelta.apply(x, a, b, scaling, p).to(result.dtype)
 
 
 def _plain_lora(module: Any) -> bool:
@@ -155,16 +221,14 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_loss_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore: int
+    hidden: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """hidden (B, T, H), labels (B, T): the summed loss of each position predicting the
-    next label, over positions whose next label is trained."""
-    targets = labels[:, 1:]
-    keep = targets != ignore
-    chosen = hidden[:, :-1][keep]
-    if chosen.shape[0] == 0:
+    """hidden (B, T, H); positions: flat indices into B*T (training.batching.
+    loss_targets) whose next token is `targets`. The summed loss over them."""
+    if positions.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph (DDP) with a zero loss
-    return _HeadLoss.apply(chosen, weight, targets[keep], LOSS_CHUNK)  # type: ignore[no-any-return]
+    chosen = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    return _HeadLoss.apply(chosen, weight, targets, LOSS_CHUNK)  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager
@@ -286,18 +350,47 @@ def use_sdpa(model: Any) -> None:
     _causal_lm(model).set_attn_implementation("sdpa")
 
 
+# fused norm, RoPE and SwiGLU kernels ------------------------------------------------
+def use_liger(model: Any) -> str | None:
+    """Liger Kernel's Triton RMSNorm, RoPE and SiLU*up on a CUDA model of an architecture
+    it knows (`pip install liger-kernel`); their loss kernels are not used (the loss
+    above already keeps no logits). Returns the version used, None when not applied."""
+    lm = _causal_lm(model)
+    if next(lm.parameters()).device.type != "cuda":
+        return None
+    try:
+        from importlib.metadata import version
+
+        from liger_kernel.transformers import monkey_patch
+    except ImportError:
+        return None
+    if getattr(lm.config, "model_type", None) not in monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return None
+    monkey_patch._apply_liger_kernel_to_instance(
+        model=lm,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
+    return str(version("liger-kernel"))
+
+
 # the whole set ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class FastPaths:
     lora_layers: int  # LoRA layers on the fused path
     head_loss: bool  # chunked loss on trained positions
     packed_attention: bool
+    liger: str | None = None  # Liger Kernel version, when its kernels are in
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "lora_layers": self.lora_layers,
             "head_loss": self.head_loss,
             "packed_attention": self.packed_attention,
+            "liger_kernel": self.liger,
         }
 
 
@@ -314,7 +407,7 @@ def enable(model: Any) -> FastPaths:
     except (ValueError, AttributeError, ImportError) as exc:
         log.warning("packed attention unavailable (%s): using transformers' masks", exc)
         packed = False
-    paths = FastPaths(lora_layers, head_loss, packed)
+    paths = FastPaths(lora_layers, head_loss, packed, use_liger(model))
     model.lorabot_fast = paths
     log.info("fast paths: %s", paths.as_dict())
     return paths

@@ -60,7 +60,7 @@ def forward_loss(model: Any, batch: Batch) -> torch.Tensor:
     if paths is not None and paths.head_loss:
         with fast.hidden_out(model) as head_weight:
             hidden = model(**inputs, use_cache=False).logits
-        return fast.head_loss_sum(hidden, head_weight, batch.labels, IGNORE)
+        return fast.head_loss_sum(hidden, head_weight, batch.loss_positions, batch.loss_targets)
     out = model(**inputs, use_cache=False)
     return token_loss_sum(out.logits, batch.labels)
 

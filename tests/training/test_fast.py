@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from training import fast
-from training.batching import IGNORE, collate, pack_rows, single_rows
+from training.batching import IGNORE, collate, loss_targets, pack_rows, single_rows
 from training.model import BaseModel, add_lora
 from training.step import forward_loss, token_loss_sum
 
@@ -72,28 +72,41 @@ def test_fast_loss_and_gradients_equal_plain(tiny_model: Any, tokenizer: Any, pa
         torch.testing.assert_close(quick_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_lora_delta_gradients_by_finite_differences() -> None:
+WEIGHT = torch.randn(8, 32, generator=torch.Generator().manual_seed(9))
+
+
+def lora_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, p: float) -> Any:
+    return fast._LoraLinear.apply(x, WEIGHT.to(x.dtype), a, b, s, p)
+
+
+def lora_delta_plus_base(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, p: float
+) -> Any:
+    return x @ WEIGHT.to(x.dtype).T + fast._LoraDelta.apply(x, a, b, s, p)
+
+
+@pytest.mark.parametrize("function", [lora_linear, lora_delta_plus_base])
+def test_lora_gradients_by_finite_differences(function: Any) -> None:
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x, a, b: fast._LoraDelta.apply(x, a, b, 0.5, 0.0), (x, a, b)
-    )
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 32, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: function(x, a, b, 0.5, 0.0), (x, a, b))
 
 
-def test_lora_dropout_drops_the_same_inputs_in_forward_and_backward() -> None:
+@pytest.mark.parametrize("function", [lora_linear, lora_delta_plus_base])
+def test_lora_dropout_drops_the_same_inputs_in_forward_and_backward(function: Any) -> None:
     torch.manual_seed(1)
     x = torch.randn(64, 32, requires_grad=True)
     a = torch.randn(4, 32, requires_grad=True)
     b = torch.randn(8, 4, requires_grad=True)
     torch.manual_seed(5)
-    out = fast._LoraDelta.apply(x, a, b, 2.0, 0.25)
+    out = function(x, a, b, 2.0, 0.25)
     out.sum().backward()
     torch.manual_seed(5)  # the same draw of the mask, by hand
     keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.75)
     x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
-    ref = (x2 * keep / 0.75) @ a2.T @ b2.T * 2.0
+    ref = x2 @ WEIGHT.T + (x2 * keep / 0.75) @ a2.T @ b2.T * 2.0
     ref.sum().backward()
     assert 0.6 < keep.float().mean() < 0.9
     torch.testing.assert_close(out, ref)
@@ -109,7 +122,7 @@ def test_head_loss_in_chunks_equals_full_cross_entropy(monkeypatch: pytest.Monke
     labels = torch.randint(0, 50, (3, 9))
     labels[0, :4] = IGNORE  # an untrained prompt
     labels[2, 7:] = IGNORE
-    loss = fast.head_loss_sum(hidden, weight, labels, IGNORE)
+    loss = fast.head_loss_sum(hidden, weight, *loss_targets(labels))
     loss.backward()
     hidden2 = hidden.detach().clone().requires_grad_()
     ref = token_loss_sum(hidden2 @ weight.T, labels)
@@ -121,7 +134,7 @@ def test_head_loss_in_chunks_equals_full_cross_entropy(monkeypatch: pytest.Monke
 def test_nothing_trained_gives_zero_loss_with_a_graph() -> None:
     hidden = torch.randn(1, 4, 8, requires_grad=True)
     labels = torch.full((1, 4), IGNORE)
-    loss = fast.head_loss_sum(hidden, torch.randn(10, 8), labels, IGNORE)
+    loss = fast.head_loss_sum(hidden, torch.randn(10, 8), *loss_targets(labels))
     loss.backward()
     assert float(loss.detach()) == 0.0 and hidden.grad is not None
 
