@@ -157,7 +157,10 @@ async def timed(engine: LocalEngine, prompt: list[int], new: int) -> dict[str, A
 
 
 async def engine_runs(
-    engine: LocalEngine, requests: list[tuple[list[int], int]], rng: random.Random
+    engine: LocalEngine,
+    requests: list[tuple[list[int], int]],
+    rng: random.Random,
+    conversations: int,
 ) -> dict[str, Any]:
     prompt = [rng.randrange(100, 31000) for _ in range(128)]
     await timed(engine, prompt, 16)  # warm-up: graphs, Triton, cuBLAS
@@ -170,16 +173,24 @@ async def engine_runs(
     results = await asyncio.gather(*(timed(engine, p, n) for p, n in requests))
     wall = time.perf_counter() - started
     gaps = [g for r in results for g in r["gaps"]]
-    # Three 10-turn conversations; each turn adds the reply and 100 tokens of history.
-    runs = []
-    for _conversation in range(3):
+    # 10-turn conversations; each turn adds the reply and 100 tokens of history. The
+    # prompt tokens each turn computes show the reuse directly (TTFTs of 10-25 ms are
+    # at the mercy of host jitter; hence the median over several conversations).
+    runs, computed = [], []
+    scheduler = engine._scheduler
+    for _conversation in range(conversations):
         history = [rng.randrange(100, 31000) for _ in range(128)]
-        turns = []
+        turns, prefilled, lengths = [], [], []
         for _turn in range(10):
+            lengths.append(len(history))
+            before = scheduler.prefill_tokens if scheduler is not None else 0
             result = await timed(engine, history, 32)
             turns.append(result["ttft"])
+            if scheduler is not None:
+                prefilled.append(scheduler.prefill_tokens - before)
             history = history + result["ids"] + [rng.randrange(100, 31000) for _ in range(100)]
         runs.append(turns)
+        computed.append(prefilled)
     turns = [statistics.median(run[i] for run in runs) for i in range(10)]
     return {
         "single_stream_tok_s": statistics.median(r["decode_tok_s"] for r in singles),
@@ -191,6 +202,8 @@ async def engine_runs(
         "concurrent64_itl_p99_ms": 1000 * pct(gaps, 0.99),
         "turn_ttft_ms": [round(1000 * t, 2) for t in turns],
         "turn10_over_turn1_ttft": turns[-1] / turns[0],
+        "turn_prompt_tokens_computed": computed[0] if computed and computed[0] else None,
+        "turn_prompt_tokens": lengths,
     }
 
 
@@ -233,6 +246,9 @@ def main() -> None:
     parser.add_argument("--model", default="", help="a real model folder instead of random weights")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--skip-hf", action="store_true", help="only lorabot's engine")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="[model] prefill_chunk")
+    parser.add_argument("--conversations", type=int, default=5, help="10-turn chats timed")
+    parser.add_argument("--tag", default="", help="suffix of the result file's name")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -263,8 +279,10 @@ def main() -> None:
         max_queue=256,
         slots=64,
         slot_tokens=2048,
+        prefill_chunk=args.prefill_chunk,
     )
-    figures.update(asyncio.run(engine_runs(engine, requests, rng)))
+    figures["prefill_chunk"] = args.prefill_chunk
+    figures.update(asyncio.run(engine_runs(engine, requests, rng, args.conversations)))
     figures.update(asyncio.run(greedy_agreement(engine, requests[:4], references)))
     engine.close()
     limit = bandwidth / weight_bytes
@@ -297,7 +315,7 @@ def main() -> None:
         "figures": {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"engine-{result['date']}.json"
+    path = args.out / f"engine-{result['date']}{args.tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result["figures"].items():
         print(f"{key:34} {value}")

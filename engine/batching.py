@@ -6,6 +6,13 @@ EngineCore.step: schedule -> step -> publish). Requests join between steps and l
 the moment they finish. A finished sequence's slot keeps its KV, so the next turn of
 the same chat prefills only what is new (prefix reuse); idle slots are taken least
 recently used first.
+
+Decoding is pipelined on a GPU ("async output"): step t+1 is queued with step t's
+sampled ids still on the device, and only then does the host wait for step t's ids and
+detokenize, stream and check them, while the device runs step t+1. A sequence that
+finished at step t has had step t+1 run for it too: that row is dropped unseen (never
+streamed, counted or recorded as slot content). Steps chain only while the batch stays
+the same; a prefill, a cancellation or a sequence ending drains the pipeline first.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 
 from engine.detokenize import IncrementalDecoder, StopFilter
 from engine.llama import LlamaRunner
-from engine.sampling_batch import sample_batch
+from engine.sampling_batch import sample_batch, upload
 from engine.types import Completion, EngineError, FinishReason
 
 if TYPE_CHECKING:
@@ -29,8 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
+    """One request from admission to its end; compared by identity (a batch is the same
+    batch while it holds the same sequences)."""
+
     request: Request
     slot: int
     prompt: list[int]
@@ -44,6 +54,26 @@ class Sequence:
     first_token_at: float = 0.0
     position: int = 0  # where the next input token goes
     next_token: int = -1
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class DecodeStep:
+    """A decode step queued on the device. Its sampled ids stay there (the next step can
+    start from them) and are copied to the host in the background."""
+
+    batch: list[Sequence]
+    slots: torch.Tensor  # (B,) on the device
+    positions: torch.Tensor  # (B,) where this step's input tokens were written
+    tokens: torch.Tensor  # (B,) the sampled ids, on the device
+    host: torch.Tensor  # (B,) the same ids on the host, once `copied` has happened
+    copied: torch.cuda.Event | None
+
+    def read(self) -> list[int]:
+        """The sampled ids (waits for the step to finish)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -71,6 +101,7 @@ class BatchScheduler:
         adapter_name: str,
         prefill_chunk: int = 512,
         cuda_graphs: bool = True,
+        pipelined: bool | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -81,6 +112,11 @@ class BatchScheduler:
         self.slots = [Slot() for _ in range(runner.slots - (1 if cuda_graphs else 0))]
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []
+        # The step launched but not yet read. Pipelining pays only where the device runs
+        # ahead of the host (CUDA); on the CPU it would just delay each token by a step.
+        self._pending: DecodeStep | None = None
+        self.pipelined = runner.device.type == "cuda" if pipelined is None else pipelined
+        self.overlapped_steps = 0  # decode steps launched before the previous was read
         self._active = 0
         self.tokens_generated = 0
         self.prefill_tokens = 0  # prompt tokens actually computed (prefix reuse skips some)
@@ -109,11 +145,12 @@ class BatchScheduler:
         while True:
             if not self._admit(requests):
                 return
-            self._drop_cancelled()
             with torch.inference_mode():
+                self._drop_cancelled()
                 if self.prefilling:
+                    self._drain()  # new sequences join the batch: nothing may be in flight
                     self._prefill_step()
-                if self.decoding:
+                if self.decoding or self._pending is not None:
                     self._decode_step()
 
     def _admit(self, requests: queue.Queue[Request | None]) -> bool:
@@ -201,44 +238,107 @@ class BatchScheduler:
         for seq, _row in done:
             self.prefilling.remove(seq)
             seq.position = len(seq.prompt)
-        rows = torch.tensor([row for _, row in done], device=device)
+        rows = upload([row for _, row in done], device)
         first = sample_batch(
             logits[rows],
             [seq.request.params for seq, _ in done],
             [self._seen(seq) for seq, _ in done],
             [seq.generator for seq, _ in done],
-        )
+        ).tolist()
         for (seq, _row), token in zip(done, first, strict=True):
             if self._accept(seq, token):
                 self.decoding.append(seq)
 
     def _decode_step(self) -> None:
-        batch = self.decoding
+        """Queue the next decode step, then publish the previous one while the device runs
+        it; when the batch has changed (or pipelining is off) publish first."""
+        previous, self._pending = self._pending, None
+        if previous is not None and self._can_chain(previous):
+            self._pending = self._launch(previous.batch, after=previous)
+            self.overlapped_steps += 1
+            self._publish(previous)
+            if not self.decoding:
+                self._pending = None  # every row has finished: nothing to read there
+            return
+        if previous is not None:
+            self._publish(previous)
+        if not self.decoding:
+            return
+        step = self._launch(self.decoding)
+        if self.pipelined:
+            self._pending = step
+        else:
+            self._publish(step)
+
+    def _can_chain(self, step: DecodeStep) -> bool:
+        """Whether the next step may start before `step` is read: only for the same
+        batch, and only if no row reaches its length limit at `step` (a step past the
+        budget would be thrown away; one past the slot would write outside the cache)."""
+        if not self.pipelined or step.batch != self.decoding:
+            return False
+        limit = self.runner.slot_tokens
+        return all(len(s.generated) + 1 < s.budget and s.position + 1 < limit for s in step.batch)
+
+    def _launch(self, batch: list[Sequence], after: DecodeStep | None = None) -> DecodeStep:
+        """Queue one decode step for `batch`. Its inputs are the tokens the host accepted,
+        or, chained `after` a step not read yet, that step's ids on the device."""
         device = self.runner.device
-        # One host-to-device copy for the three inputs.
-        inputs = torch.tensor(
-            [[s.next_token for s in batch], [s.slot for s in batch], [s.position for s in batch]]
-        ).to(device, non_blocking=True)
-        tokens, slots, positions = inputs[0], inputs[1], inputs[2]
+        seen = [self._seen(s) for s in batch]
+        if after is None:
+            # One host-to-device copy for the three inputs.
+            inputs = upload(
+                [
+                    [s.next_token for s in batch],
+                    [s.slot for s in batch],
+                    [s.position for s in batch],
+                ],
+                device,
+            )
+            tokens, slots, positions = inputs[0], inputs[1], inputs[2]
+        else:
+            tokens, slots, positions = after.tokens, after.slots, after.positions + 1
+            # The repetition penalty also counts the token the host has not read yet.
+            seen = [
+                None if t is None else torch.cat([t, after.tokens[row : row + 1]])
+                for row, t in enumerate(seen)
+            ]
         if self.graphs is not None:
             logits = self.graphs.run(tokens, slots, positions).clone()
         else:
             logits = self.runner.decode(tokens, slots, positions)
-        for s in batch:
-            self.slots[s.slot].tokens.append(s.next_token)
-            s.position += 1
         chosen = sample_batch(
-            logits,
-            [s.request.params for s in batch],
-            [self._seen(s) for s in batch],
-            [s.generator for s in batch],
+            logits, [s.request.params for s in batch], seen, [s.generator for s in batch]
         )
-        self.decoding = [s for s, t in zip(batch, chosen, strict=True) if self._accept(s, t)]
+        if chosen.device.type != "cuda":
+            return DecodeStep(batch, slots, positions, chosen, chosen, None)
+        host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+        host.copy_(chosen, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return DecodeStep(batch, slots, positions, chosen, host, copied)
+
+    def _publish(self, step: DecodeStep) -> None:
+        """Hand a step's tokens to their requests. Rows of sequences that finished after
+        the step was launched are dropped unseen; their KV write lands one past the
+        slot's recorded tokens, so prefix reuse never trusts it."""
+        for seq, token in zip(step.batch, step.read(), strict=True):
+            if seq.finished:
+                continue
+            self.slots[seq.slot].tokens.append(seq.next_token)  # the step's input, now cached
+            seq.position += 1
+            self._accept(seq, token)
+        self.decoding = [s for s in self.decoding if not s.finished]
+
+    def _drain(self) -> None:
+        """Read the step in flight, if any, before the batch changes."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._publish(pending)
 
     def _seen(self, seq: Sequence) -> torch.Tensor | None:
         if seq.request.params.repetition_penalty == 1.0:
             return None
-        return torch.tensor(seq.prompt + seq.generated, device=self.runner.device)
+        return upload(seq.prompt + seq.generated, self.runner.device)
 
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Publish one sampled token; False when the sequence has finished."""
@@ -259,6 +359,7 @@ class BatchScheduler:
         return True
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> bool:
+        seq.finished = True
         if reason != "cancelled":
             tail = seq.stops.push(seq.decoder.flush()) + seq.stops.flush()
             seq.text.append(tail)
@@ -284,6 +385,8 @@ class BatchScheduler:
         return False
 
     def _drop_cancelled(self) -> None:
+        if any(s.request.stream.cancelled for s in self.decoding):
+            self._drain()  # the step in flight holds their last token: read it first
         for group in (self.prefilling, self.decoding):
             for seq in [s for s in group if s.request.stream.cancelled]:
                 group.remove(seq)  # its slot keeps exactly the KV written so far
@@ -293,6 +396,7 @@ class BatchScheduler:
         in_flight = self.prefilling + self.decoding
         self.prefilling.clear()
         self.decoding.clear()
+        self._pending = None
         self._active = 0
         for seq in in_flight:
             seq.request.stream.fail(error)

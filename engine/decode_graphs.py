@@ -8,6 +8,7 @@ are padded up to the next bucket with rows that write only to a scratch slot.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,11 @@ log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# One capture at a time in a process (two engines starting together, or an engine's
+# start-up timing captures, engine/skinny_gemm.py); each in "thread_local" mode, so work
+# another thread queues meanwhile cannot invalidate it.
+CAPTURE_LOCK = threading.Lock()
 
 
 class DecodeGraphs:
@@ -36,6 +42,10 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= batch)
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        with CAPTURE_LOCK:
+            return self._capture_locked(size)
+
+    def _capture_locked(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         args = (self._tokens[:size], self._slots[:size], self._positions[:size])
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -44,7 +54,7 @@ class DecodeGraphs:
                 self._decode(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._decode(*args)
         log.debug("captured the decode graph for batch %d", size)
         return graph, logits

@@ -8,12 +8,15 @@ request ends, so the next turn of the same chat reuses them (prefix reuse).
 
 Prefill runs one sequence chunk at a time (SDPA, causal over the slot's cache); decode
 runs one token for each of B sequences at once, reading each sequence's cache up to its
-own length (a Triton kernel on CUDA, gathered SDPA elsewhere).
+own length (a Triton kernel on CUDA, gathered SDPA elsewhere). Decode's matrix
+products go through engine/skinny_gemm.py on CUDA: a Triton kernel for each weight and
+batch size where it measured faster than cuBLAS when the runner was built.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,13 @@ from torch.nn.attention.bias import causal_lower_right
 from engine.attention import decode_attention
 
 SUPPORTED = ("llama", "mistral")
+
+# x (M, K), w (N, K), bias (M, N) or None -> x @ w.T (+ bias)
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def torch_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
 
 
 def supports(model: Any) -> bool:
@@ -80,6 +90,13 @@ class LlamaRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         # Fused Triton kernels on CUDA; plain PyTorch ops elsewhere.
         self.fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        # Decode's few-row products: a Triton kernel where it measured faster than cuBLAS
+        # for that weight and batch size, decided once here, before any graph capture.
+        self.decode_linear: Linear = torch_linear
+        if self.fused:
+            from engine.skinny_gemm import calibrate
+
+            self.decode_linear = calibrate(self._linear_groups(), max_rows=slots)
 
     def _fuse(self, layer: Any) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -91,6 +108,17 @@ class LlamaRunner:
             gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
             down=mlp.down_proj.weight,
         )
+
+    def _linear_groups(self) -> list[tuple[list[torch.Tensor], bool]]:
+        """Each product's weights over all layers, and whether it adds the residual."""
+        layers = self.layers
+        return [
+            ([layer.qkv for layer in layers], False),
+            ([layer.o for layer in layers], True),
+            ([layer.gate_up for layer in layers], False),
+            ([layer.down for layer in layers], True),
+            ([self.lm_head], False),
+        ]
 
     def _rope_table(self, model: Any, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position, from the model's own rotary module (so every RoPE
@@ -130,20 +158,20 @@ class LlamaRunner:
         sin = self.sin[positions][:, None, :]
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
-    def _mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, layer: Layer, h: torch.Tensor, linear: Linear = torch_linear) -> torch.Tensor:
         if self.fused:
             from engine.fused_triton import rmsnorm, silu_mul
 
-            gate_up = rmsnorm(h, layer.post_norm, self.eps) @ layer.gate_up.T
-            return torch.addmm(h, silu_mul(gate_up), layer.down.T)
+            gate_up = linear(rmsnorm(h, layer.post_norm, self.eps), layer.gate_up, None)
+            return linear(silu_mul(gate_up), layer.down, h)
         gate, up = (self._norm(h, layer.post_norm) @ layer.gate_up.T).chunk(2, dim=-1)
         return torch.addmm(h, F.silu(gate) * up, layer.down.T)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, linear: Linear = torch_linear) -> torch.Tensor:
         if self.fused:
             from engine.fused_triton import rmsnorm
 
-            return (rmsnorm(h, self.final_norm, self.eps) @ self.lm_head.T).float()
+            return linear(rmsnorm(h, self.final_norm, self.eps), self.lm_head, None).float()
         return (self._norm(h, self.final_norm) @ self.lm_head.T).float()
 
     # prefill -----------------------------------------------------------------------
@@ -213,12 +241,13 @@ class LlamaRunner:
         h: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
+        linear: Linear = torch_linear,
     ) -> torch.Tensor:
         """q (N, H, D) for rows `h`; their k and v go into the cache at (slot, position)."""
         if self.fused:
             from engine.fused_triton import rmsnorm, rope_into_cache
 
-            qkv = rmsnorm(h, layer.input_norm, self.eps) @ layer.qkv.T
+            qkv = linear(rmsnorm(h, layer.input_norm, self.eps), layer.qkv, None)
             return rope_into_cache(
                 qkv, self.cos, self.sin, positions, slots,
                 self.k_cache[index], self.v_cache[index], self.heads, self.kv_heads,
@@ -236,12 +265,13 @@ class LlamaRunner:
         tensors; returns logits (B, V). Shapes depend only on B (CUDA-graph friendly)."""
         h = self.embed[tokens]
         lengths = positions + 1
+        linear = self.decode_linear
         for index, layer in enumerate(self.layers):
-            q = self._project_and_cache(index, layer, h, positions, slots)
+            q = self._project_and_cache(index, layer, h, positions, slots, linear)
             out = decode_attention(q, self.k_cache[index], self.v_cache[index], slots, lengths)
-            h = torch.addmm(h, out.reshape(h.shape[0], -1), layer.o.T)
-            h = self._mlp(layer, h)
-        return self._logits(h)
+            h = linear(out.reshape(h.shape[0], -1), layer.o, h)
+            h = self._mlp(layer, h, linear)
+        return self._logits(h, linear)
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` cached tokens of one slot into another."""

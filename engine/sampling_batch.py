@@ -5,11 +5,15 @@ temperature, top-k, top-p; greedy rows (temperature 0) take the argmax. Sampling
 the exponential race (argmax of p / Exp(1) noise), which draws from p exactly; a
 request with a seed draws its noise from its own generator, so it is reproducible
 whatever else shares the batch.
+
+Nothing here waits for the device: the ids come back as a device tensor, so the decode
+loop can feed them straight into the next step and read them on the host later.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -22,16 +26,17 @@ def sample_batch(
     params: Sequence[SamplingParams],
     seen: Sequence[torch.Tensor | None],
     generators: Sequence[torch.Generator | None],
-) -> list[int]:
-    """logits (B, V) float32 -> one token id per row (the only host sync of a step)."""
+) -> torch.Tensor:
+    """logits (B, V) float32 -> (B,) token ids on the logits' device (queued, not waited
+    for)."""
     for row, (p, tokens) in enumerate(zip(params, seen, strict=True)):
         if p.repetition_penalty != 1.0 and tokens is not None:
             apply_repetition_penalty(logits[row], tokens, p.repetition_penalty)
     greedy_ids = logits.argmax(-1)
     if all(p.temperature == 0.0 for p in params):
-        return greedy_ids.tolist()  # type: ignore[no-any-return]
+        return greedy_ids
     device = logits.device
-    temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+    temps = upload([p.temperature or 1.0 for p in params], device)
     scaled = logits / temps[:, None]
     scaled = _top_k(scaled, [p.top_k for p in params])
     scaled = _top_p(scaled, [p.top_p for p in params])
@@ -41,8 +46,18 @@ def sample_batch(
         if generator is not None:
             noise[row].exponential_(generator=generator)
     sampled = (probs / noise).argmax(-1)
-    greedy = torch.tensor([p.temperature == 0.0 for p in params], device=device)
-    return torch.where(greedy, greedy_ids, sampled).tolist()  # type: ignore[no-any-return]
+    greedy = upload([p.temperature == 0.0 for p in params], device)
+    return torch.where(greedy, greedy_ids, sampled)
+
+
+def upload(values: list[Any], device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without waiting for the device:
+    `torch.tensor(values, device=cuda)` is a blocking copy, which waits for every step
+    already queued. Staged through pinned memory, so the copy is truly asynchronous."""
+    tensor = torch.tensor(values)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
@@ -51,7 +66,7 @@ def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
     if all(k == vocab for k in ks):
         return logits
     largest = torch.topk(logits, max(ks), dim=-1).values  # (B, max_k), descending
-    index = torch.tensor([k - 1 for k in ks], device=logits.device)[:, None]
+    index = upload([k - 1 for k in ks], logits.device)[:, None]
     kth = largest.gather(1, index)
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -61,7 +76,7 @@ def _top_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
     cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    top_p = torch.tensor(ps, device=logits.device)[:, None]
+    top_p = upload(ps, logits.device)[:, None]
     remove_sorted = cumulative <= (1 - top_p)
     remove_sorted[:, -1] = False  # always keep the most likely token
     remove = remove_sorted.scatter(1, order, remove_sorted)

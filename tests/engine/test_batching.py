@@ -16,8 +16,8 @@ from engine.worker import LocalEngine
 GREEDY = SamplingParams(max_new_tokens=20, temperature=0)
 
 
-@pytest.fixture
-def make_engine(tiny_model: Any, tokenizer: Any) -> Any:
+@pytest.fixture(params=[False, True], ids=["synchronous", "pipelined"])
+def make_engine(tiny_model: Any, tokenizer: Any, request: pytest.FixtureRequest) -> Any:
     engines: list[LocalEngine] = []
 
     def make(**kw: Any) -> LocalEngine:
@@ -28,6 +28,8 @@ def make_engine(tiny_model: Any, tokenizer: Any) -> Any:
             context_window=1024,
             **kw,
         )
+        assert engine._scheduler is not None
+        engine._scheduler.pipelined = request.param  # on the CPU it is off by default
         engines.append(engine)
         return engine
 

@@ -1,0 +1,390 @@
+"""y = x @ W.T (+ bias) for a few rows of x: the decode step's matrix products.
+
+At small batch a decode step streams every weight once and does little math per byte,
+so its speed is memory bandwidth. The Triton kernel splits the output columns over
+programs (and, when N is too narrow to fill the SMs, the K axis too: fp32 partials,
+summed by a second kernel that adds the bias). Each program walks K in wide, unmasked,
+vectorised tiles; rows past M and columns past N re-read the last valid row instead of
+masking the loads.
+
+Whether it beats cuBLAS depends on the GPU, the shape and the row count, so
+`calibrate` times both at engine start for every weight shape and row bucket (inside
+CUDA graphs, rotating over the real layers' weights so L2 holds what it would hold in
+a decode step), and `SkinnyGemm` sends each call to the winner. Anything not measured
+(the CPU, other dtypes, more than 64 rows, a kernel that failed or lost) goes to torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+WIN_MARGIN = 0.97  # Triton must be 3% faster: a near tie stays with cuBLAS
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int  # 1: a multiply-add reduction for one row; >= 16: tensor cores
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+@dataclass(frozen=True)
+class Kernel:
+    tile: Tile
+    split: int  # K is cut into this many parts (fp32 partials when > 1)
+
+    def __str__(self) -> str:
+        t = self.tile
+        return f"m{t.block_m} n{t.block_n} k{t.block_k} w{t.warps} s{t.stages} split{self.split}"
+
+
+DOT_TILES = ((64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3))  # (N, K, warps, stages)
+ROW_TILES = ((64, 128, 4, 3), (32, 256, 4, 3))
+
+
+@triton.jit
+def _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) weight tile, streamed past L2, and the (BLOCK_M, BLOCK_K)
+    row tile at K offset k; masked only when K is not a whole number of tiles (split
+    ends fall on whole tiles, so only K itself can cut one)."""
+    if EVEN_K:
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+        x = tl.load(x_ptrs)
+    else:
+        inside = (k + rk)[None, :] < K
+        w = tl.load(w_ptrs, mask=inside, other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptrs, mask=inside, other=0.0)
+    return w, x
+
+
+@triton.jit(do_not_specialize=["M", "k_per_split", "has_bias"])
+def _skinny_kernel(
+    X, W, Bias, Y, Part, M, N, K,
+    stride_xm, stride_wn, stride_bm, stride_ym, k_per_split, has_bias,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """Program (n, s): columns n*BLOCK_N.. over K range s*k_per_split.. for all M rows;
+    the result (plus bias) in Y, or an fp32 partial in Part when K is split."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)
+    k_end = tl.minimum(k_start + k_per_split, K)
+    # Clamped, not masked: the loads stay whole 16-byte vectors; extra rows never land.
+    w_rows = tl.minimum(rn, N - 1).to(tl.int64)
+    x_rows = tl.minimum(rm, M - 1)
+    w_ptrs = W + w_rows[:, None] * stride_wn + (k_start + rk)[None, :]  # (BLOCK_N, BLOCK_K)
+    x_ptrs = X + x_rows[:, None] * stride_xm + (k_start + rk)[None, :]  # (BLOCK_M, BLOCK_K)
+    if BLOCK_M == 1:
+        # One row: products summed per lane, reduced across K once at the end.
+        lanes = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            w, x = _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K)
+            lanes += w.to(tl.float32) * x.to(tl.float32)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = tl.sum(lanes, axis=1)[:, None]  # (BLOCK_N, 1)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            w, x = _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K)
+            acc = tl.dot(w, tl.trans(x), acc)  # W is the wide operand: y.T = W x.T
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    ok = (rn < N)[:, None] & (rm < M)[None, :]
+    if tl.num_programs(1) == 1:
+        if has_bias:
+            bias = tl.load(Bias + rm[None, :] * stride_bm + rn[:, None], mask=ok, other=0.0)
+            acc += bias.to(tl.float32)
+        tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty), mask=ok)
+    else:
+        tl.store(Part + (pid_k * M + rm[None, :]) * N + rn[:, None], acc, mask=ok)
+
+
+@triton.jit(do_not_specialize=["M", "splits", "has_bias"])
+def _sum_splits_kernel(
+    Part, Bias, Y, M, N, stride_bm, stride_ym, splits, has_bias, BLOCK: tl.constexpr
+):
+    row = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(splits):
+        acc += tl.load(Part + (s * M + row) * N + cols, mask=ok, other=0.0)
+    if has_bias:
+        acc += tl.load(Bias + row * stride_bm + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_ym + cols, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+def skinny_matmul(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, kernel: Kernel
+) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T (+ bias (M, N)) -> (M, N) in x's dtype, fp32 accumulation.
+    1 <= M <= tile.block_m; x and bias unit-stride along their last axis; w contiguous."""
+    m, k = x.shape
+    n = w.shape[0]
+    tile = kernel.tile
+    assert 0 < m <= tile.block_m and w.shape[1] == k and w.is_contiguous(), (x.shape, w.shape)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, tile.block_k), kernel.split) * tile.block_k
+    splits = triton.cdiv(k, k_per_split)
+    part = torch.empty((splits, m, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    b = y if bias is None else bias
+    _skinny_kernel[(triton.cdiv(n, tile.block_n), splits)](
+        x, w, b, y, part, m, n, k,
+        x.stride(0), w.stride(0), b.stride(0), y.stride(0), k_per_split, int(bias is not None),
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        EVEN_K=k % tile.block_k == 0, num_warps=tile.warps, num_stages=tile.stages,
+    )  # fmt: skip
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(n, block), m)](
+            part, b, y, m, n, b.stride(0), y.stride(0), splits, int(bias is not None),
+            BLOCK=block,
+        )  # fmt: skip
+    return y
+
+
+def torch_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
+
+
+def row_bucket(rows: int) -> int | None:
+    return next((b for b in ROW_BUCKETS if b >= rows), None)
+
+
+Key = tuple[int, int, bool, int]  # (N, K, with bias, row bucket)
+
+
+class SkinnyGemm:
+    """x @ w.T (+ bias) through the kernel measured fastest for this shape and row
+    bucket; torch for everything else. Safe inside CUDA-graph capture (no host sync)."""
+
+    def __init__(
+        self,
+        plans: dict[Key, Kernel],
+        decisions: Sequence[Decision] = (),
+        seconds: float = 0.0,
+    ) -> None:
+        self.plans = plans
+        self.decisions = list(decisions)  # what was measured, for logs and benchmarks
+        self.seconds = seconds  # what calibration cost
+
+    def __call__(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        kernel = self._kernel(x, w, bias)
+        if kernel is None:
+            return torch_linear(x, w, bias)
+        return skinny_matmul(x, w, bias, kernel)
+
+    def _kernel(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+        if not self.plans or not x.is_cuda or x.dim() != 2 or x.stride(1) != 1:
+            return None
+        (m, k), n = x.shape, w.shape[0]
+        bucket = row_bucket(m)
+        if bucket is None or m == 0 or w.shape != (n, k) or not w.is_contiguous():
+            return None
+        if x.dtype != w.dtype or (
+            bias is not None
+            and (bias.shape != (m, n) or bias.stride(1) != 1 or bias.dtype != x.dtype)
+        ):
+            return None
+        return self.plans.get((n, k, bias is not None, bucket))
+
+
+def candidates(n: int, k: int, bucket: int, sms: int) -> list[Kernel]:
+    """Tiles for this row bucket, each with the K splits that put between half a wave
+    and eight waves of programs on the SMs (each split walking at least 4 K tiles)."""
+    tiles = [Tile(max(16, bucket), bn, bk, wp, st) for bn, bk, wp, st in DOT_TILES]
+    if bucket == 1:
+        tiles += [Tile(1, bn, bk, wp, st) for bn, bk, wp, st in ROW_TILES]
+    kernels = []
+    for tile in tiles:
+        if tile.block_k > k:
+            continue
+        blocks, k_tiles = triton.cdiv(n, tile.block_n), triton.cdiv(k, tile.block_k)
+        splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or k_tiles >= 4 * s]
+        fitting = [s for s in splits if sms / 2 <= blocks * s <= 8 * sms]
+        if not fitting:
+            fitting = [splits[-1] if blocks * splits[-1] < sms / 2 else 1]
+        kernels += [Kernel(tile, s) for s in fitting]
+    return kernels
+
+
+def time_graph(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    stream: torch.cuda.Stream,
+) -> float:
+    """Microseconds per call of fn(w), replayed as one CUDA graph over `weights` in
+    turn (no launch overhead, as in the decode graphs); the median of 5 replays."""
+    from engine.decode_graphs import CAPTURE_LOCK
+
+    with CAPTURE_LOCK:
+        return _time_graph_locked(fn, weights, stream)
+
+
+def _time_graph_locked(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    stream: torch.cuda.Stream,
+) -> float:
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        for w in weights[:2]:  # warm up: Triton loads its kernel, cuBLAS its workspace
+            fn(w)
+        # capture_begin, not torch.cuda.graph: that empties the allocator cache each time.
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            for w in weights:
+                fn(w)
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(weights))
+    return statistics.median(times)
+
+
+def rotation(weights: Sequence[torch.Tensor], calls: int = 8) -> list[torch.Tensor]:
+    """The weights to cycle through when timing: enough distinct ones to outgrow L2
+    (or all there are: a model smaller than L2 keeps its weights there when serving)."""
+    props = torch.cuda.get_device_properties(weights[0].device)
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+    distinct, total = [], 0
+    for w in weights:
+        distinct.append(w)
+        total += w.numel() * w.element_size()
+        if total >= 4 * l2:
+            break
+    return [distinct[i % len(distinct)] for i in range(max(calls, len(distinct)))]
+
+
+@dataclass(frozen=True)
+class Trial:
+    kernel: Kernel | None  # None: torch
+    us: float
+
+
+def search(
+    weights: Sequence[torch.Tensor], rows: int, with_bias: bool, stream: torch.cuda.Stream
+) -> list[Trial]:
+    """Time torch (the first trial) and every candidate kernel that computes the same
+    product (relative error < 1e-2) for `rows` rows; failures are logged, left out."""
+    w0 = weights[0]
+    n, k = w0.shape
+    gen = torch.Generator(device=w0.device).manual_seed(rows)
+    x = torch.randn((rows, k), generator=gen, device=w0.device).to(w0.dtype)
+    b = torch.randn((rows, n), generator=gen, device=w0.device).to(w0.dtype) if with_bias else None
+    turns = rotation(weights)
+    expected = torch_linear(x, w0, b).float()
+    trials = [Trial(None, time_graph(lambda w: torch_linear(x, w, b), turns, stream))]
+    sms = torch.cuda.get_device_properties(w0.device).multi_processor_count
+    for kernel in candidates(n, k, row_bucket(rows) or rows, sms):
+        try:
+            out = skinny_matmul(x, w0, b, kernel).float()
+            error = ((out - expected).norm() / expected.norm()).item()
+            if not error < 1e-2:
+                log.warning("skinny gemm %s on (%d, %d): error %.2g, left out", kernel, n, k, error)
+                continue
+            us = time_graph(partial(skinny_matmul, x, bias=b, kernel=kernel), turns, stream)
+        # Whatever a candidate raises (compile error, out of shared memory, a capture
+        # failure), cuBLAS serves this shape instead; the reason is logged.
+        except Exception as exc:  # noqa: BLE001
+            log.warning("skinny gemm %s on (%d, %d) failed: %s", kernel, n, k, exc)
+            continue
+        trials.append(Trial(kernel, us))
+    return trials
+
+
+@dataclass(frozen=True)
+class Decision:
+    key: Key
+    torch_us: float
+    best: Trial | None  # the fastest Triton kernel, if any ran
+
+    @property
+    def triton(self) -> bool:
+        return self.best is not None and self.best.us < WIN_MARGIN * self.torch_us
+
+    def __str__(self) -> str:
+        n, k, with_bias, bucket = self.key
+        best = f"{self.best.us:.1f} us [{self.best.kernel}]" if self.best else "none"
+        return (
+            f"({n}, {k}){' +bias' if with_bias else ''} M<={bucket}: torch {self.torch_us:.1f}"
+            f" us, triton {best} -> {'triton' if self.triton else 'torch'}"
+        )
+
+
+def measure(
+    weights: Sequence[torch.Tensor], with_bias: bool, top: int, done: Iterable[Key]
+) -> dict[Key, Decision]:
+    """The decision for each row bucket up to `top` of this weight shape (not in done)."""
+    w0 = weights[0]
+    decisions = {}
+    with torch.no_grad(), torch.cuda.device(w0.device):
+        stream = torch.cuda.Stream(w0.device)
+        for bucket in (b for b in ROW_BUCKETS if b <= top):
+            key = (w0.shape[0], w0.shape[1], with_bias, bucket)
+            if key not in done:
+                trials = search(weights, bucket, with_bias, stream)
+                best = min(trials[1:], key=lambda t: t.us, default=None)
+                decisions[key] = Decision(key, trials[0].us, best)
+    return decisions
+
+
+def calibrate(groups: Sequence[tuple[Sequence[torch.Tensor], bool]], max_rows: int) -> SkinnyGemm:
+    """groups: (the same-shaped weights of every layer, used with a bias?) for each
+    product. Measures each row bucket up to max_rows (at most 64) once, at start, and
+    keeps Triton where it wins by WIN_MARGIN. All torch off CUDA or for fp32 weights."""
+    top = row_bucket(min(max_rows, ROW_BUCKETS[-1])) or ROW_BUCKETS[-1]
+    started = time.perf_counter()
+    decisions: dict[Key, Decision] = {}
+    for weights, with_bias in groups:
+        w0 = weights[0]
+        if not w0.is_cuda or w0.dtype not in (torch.bfloat16, torch.float16):
+            continue
+        try:
+            decisions |= measure(weights, with_bias, top, decisions.keys())
+        # Measuring must never stop the engine from starting: what it could not measure,
+        # torch serves. (A failing Triton candidate alone is handled inside `search`.)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("skinny gemm: measuring %s failed, torch serves it: %s", w0.shape, exc)
+    plans = {
+        key: d.best.kernel
+        for key, d in decisions.items()
+        if d.triton and d.best is not None and d.best.kernel is not None
+    }
+    seconds = time.perf_counter() - started
+    if decisions:
+        log.info(
+            "skinny gemm: Triton for %d of %d (weight, batch) products, measured in %.1f s",
+            len(plans), len(decisions), seconds,
+        )  # fmt: skip
+        log.debug("skinny gemm decisions:\n  %s", "\n  ".join(map(str, decisions.values())))
+    return SkinnyGemm(plans, list(decisions.values()), seconds)
