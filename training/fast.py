@@ -33,6 +33,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -366,6 +367,12 @@ def use_liger(model: Any) -> str | None:
         return None
     if getattr(lm.config, "model_type", None) not in monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN:
         return None
+    # Liger patches the model's instance and also its transformers module (classes and
+    # the RoPE function), which would reach every model made later in this process, on
+    # the CPU too. The module gets its classes back; its RoPE function stays patched
+    # (the instance calls it through the module) but only for tensors on a GPU.
+    module = sys.modules[type(lm).__module__]
+    before = dict(vars(module))
     monkey_patch._apply_liger_kernel_to_instance(
         model=lm,
         rope=True,
@@ -374,7 +381,30 @@ def use_liger(model: Any) -> str | None:
         cross_entropy=False,
         fused_linear_cross_entropy=False,
     )
+    for name, original in before.items():
+        patched = vars(module).get(name)
+        if patched is original:
+            continue
+        if isinstance(original, type):
+            setattr(module, name, original)
+        elif callable(original) and callable(patched):
+            setattr(module, name, _on_gpu(patched, original))
     return str(version("liger-kernel"))
+
+
+def _on_gpu(fast_version: Any, original: Any) -> Any:
+    """`fast_version` for calls whose first tensor argument is on a GPU, else `original`."""
+    if getattr(original, "lorabot_dispatch", False):
+        return original
+
+    @functools.wraps(original)
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        use = fast_version if first is not None and first.is_cuda else original
+        return use(*args, **kwargs)
+
+    dispatch.lorabot_dispatch = True  # type: ignore[attr-defined]
+    return dispatch
 
 
 # the whole set ---------------------------------------------------------------------

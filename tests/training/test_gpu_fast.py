@@ -82,3 +82,30 @@ def test_bf16_fast_paths_match_plain_loss_and_gradients(tiny_model: Any, tokeniz
     assert fast_loss == pytest.approx(plain_loss, rel=1e-2)
     cosine = torch.nn.functional.cosine_similarity(plain_grads, fast_grads, dim=0)
     assert cosine > 0.99
+
+
+def test_liger_leaves_other_models_and_the_cpu_alone(tiny_model: Any, tokenizer: Any) -> None:
+    """Liger Kernel patches transformers' modeling module too; after enable() a model
+    made later, on the CPU, still runs transformers' own code and gives its logits."""
+    pytest.importorskip("liger_kernel")
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    norm_class, mlp_class = modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP
+    ids = torch.tensor([[1, 5, 9, 22, 7, 3]])
+    with torch.no_grad():
+        before = tiny_model(input_ids=ids).logits
+    model = copy.deepcopy(tiny_model).to("cuda", torch.bfloat16)
+    base = BaseModel(model, tokenizer, "tiny", "tiny", torch.device("cuda"), torch.bfloat16)
+    peft_model = add_lora(
+        base, rank=4, alpha=8, dropout=0.0, target_modules=("all-linear",),
+        gradient_checkpointing=False,
+    )  # fmt: skip
+    assert fast.enable(peft_model).liger is not None
+    assert modeling_llama.LlamaRMSNorm is norm_class and modeling_llama.LlamaMLP is mlp_class
+    later = LlamaForCausalLM(tiny_model.config).eval()
+    later.load_state_dict(tiny_model.state_dict())
+    assert type(later.model.norm) is norm_class
+    with torch.no_grad():
+        after = later(input_ids=ids).logits
+    torch.testing.assert_close(after, before)
