@@ -1,5 +1,6 @@
 """CPU figures of the training package: tokens/s and peak memory of a LoRA run on the
-embedded SmolLM2-135M, and the time `prepare` takes on 50k generated Alpaca records.
+embedded SmolLM2-135M with and without the fast paths (training/fast.py), and the time
+`prepare` takes on 50k generated Alpaca records.
 
     python benchmarks/train_cpu_bench.py [--steps 10] [--records 50000] [--out benchmarks/results]
 
@@ -95,14 +96,15 @@ def alpaca_dataset(path: Path, count: int) -> None:
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
-def lora_run(folder: Path, steps: int) -> dict[str, Any]:
+def lora_run(folder: Path, steps: int, fast_paths: bool) -> dict[str, Any]:
     data = folder / "chat.jsonl"
     chat_dataset(data, 200)
-    out = folder / "adapter"
+    out = folder / ("adapter" if fast_paths else "adapter-plain")
     args = [
         "train", str(data), "--out", str(out), "--max-steps", str(steps), "--batch-size", "4",
         "--grad-accum", "1", "--max-len", "256", "--packing", "--val-fraction", "0",
         "--save-every", str(steps), "--lr", "1e-3",
+        "--fast-paths" if fast_paths else "--no-fast-paths",
     ]  # fmt: skip
     wall, rss, _ = child(args)
     metrics = json.loads((out / "training.json").read_text(encoding="utf-8"))["metrics"]
@@ -114,6 +116,7 @@ def lora_run(folder: Path, steps: int) -> dict[str, Any]:
         "tokens": metrics["tokens"],
         "train_seconds": metrics["train_seconds"],
         "tokens_per_second": round(metrics["tokens_per_second"], 1),
+        "final_loss": metrics["final_loss"],
         "peak_rss_mib": rss,
         "wall_s_including_load_and_save": round(wall, 2),
     }
@@ -145,7 +148,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare = prepare_run(folder, args.records)
-        lora = lora_run(folder, args.steps)
+        lora = lora_run(folder, args.steps, fast_paths=True)
+        plain = lora_run(folder, args.steps, fast_paths=False)
     today = datetime.date.today().isoformat()
     result = {
         "command": "python benchmarks/train_cpu_bench.py " + " ".join(sys.argv[1:]),
@@ -154,6 +158,8 @@ def main() -> None:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "lora_smollm2": lora,
+        "lora_smollm2_no_fast_paths": plain,
+        "fast_paths_speedup": round(lora["tokens_per_second"] / plain["tokens_per_second"], 3),
         "prepare_alpaca": prepare,
     }
     args.out.mkdir(parents=True, exist_ok=True)
