@@ -256,7 +256,7 @@ def lorabot_run(
         "dropout": dropout,
     }  # fmt: skip
     if paths is not None:
-        fast.use_sdpa(model)
+        fast.use_plain_attention(model)
     if checkpointing:
         plain = model.get_base_model()
         if hasattr(plain, "activation_checkpointing_disable"):
@@ -398,6 +398,10 @@ def main() -> None:
     qv, every = ("q_proj", "v_proj"), ("all-linear",)
     runs: list[tuple[str, Any]] = [
         ("baseline", lambda: baseline_run(model, alpaca, args, device)),
+        # Before any fast run: Liger's kernels stay on the shared model's modules.
+        ("packed-r16-b4-plain", lambda: lorabot_run(
+            "packed-r16-b4-plain", model, long_rows, args, device, rank=16, targets=every,
+            max_len=2048, batch_size=4, dropout=0.0, fast_paths=False)),
         ("lorabot", lambda: lorabot_run(
             "lorabot", model, alpaca, args, device, rank=8, targets=qv, max_len=1024,
             batch_size=4)),
@@ -413,9 +417,7 @@ def main() -> None:
         ("packed-r16-b4", lambda: lorabot_run(
             "packed-r16-b4", model, long_rows, args, device, rank=16, targets=every,
             max_len=2048, batch_size=4, dropout=0.0)),
-        ("packed-r16-b4-plain", lambda: lorabot_run(
-            "packed-r16-b4-plain", model, long_rows, args, device, rank=16, targets=every,
-            max_len=2048, batch_size=4, dropout=0.0, fast_paths=False)),
+
         ("packed-r16-ckpt", lambda: lorabot_run(
             "packed-r16-ckpt", model, long_rows, args, device, rank=16, targets=every,
             max_len=2048, batch_size=8, dropout=0.0, checkpointing=True)),

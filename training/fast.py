@@ -178,6 +178,8 @@ def _plain_lora(module: Any) -> bool:
         return False
     if any(getattr(module, "use_dora", {}).values()):
         return False
+    if any(getattr(module, "lora_bias", {}).values()):
+        return False
     return not getattr(module, "lora_variant", {})
 
 
@@ -218,7 +220,8 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * upstream.to(grad.dtype), None, None, None
+        # A 0-dim float32 factor: computed in float32, rounded once to grad's dtype.
+        return grad * upstream, None, None, None
 
 
 def head_loss_sum(
@@ -237,11 +240,15 @@ def hidden_out(model: Any) -> Iterator[torch.Tensor]:
     """Within the block the causal LM's `logits` are its final hidden states; yields
     the head's weight."""
     head = _causal_lm(model).get_output_embeddings()
+    own = vars(head).get("forward")  # an instance-level forward (e.g. a hook) to restore
     head.forward = _identity
     try:
         yield head.weight
     finally:
-        del head.forward
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -277,20 +284,23 @@ def packed_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, T, H, D),
-    each example of the flattened rows attending causally to itself only. Calls
-    without boundaries (generation, evaluation by other code) go to SDPA."""
-    if not lorabot_bounds:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    each example of the flattened rows attending causally to itself only.
 
-        return sdpa_attention_forward(  # type: ignore[no-any-return]
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    transformers builds no mask for this implementation, so a call without the batch's
+    boundaries (generation, another caller's padded batch) cannot be served right: it
+    is refused rather than answered as one unpadded sequence. `use_plain_attention`
+    switches the model back."""
+    if not lorabot_bounds:
+        raise RuntimeError(
+            "the packed-attention training path got a call without example boundaries; "
+            "call training.fast.use_plain_attention(model) before using the model otherwise"
         )
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
-    varlen = _varlen() if q.is_cuda else None
+    varlen = _varlen() if _flash_capable(q) else None
     if varlen is not None and lorabot_cu_seqlens is not None:
         out = _varlen_call(varlen, q, k, v, lorabot_cu_seqlens, lorabot_max_seqlen, scaling)
     else:
@@ -308,6 +318,15 @@ def packed_attention(
             ]
         )
     return out.view(batch, length, heads, dim), None
+
+
+def _flash_capable(q: torch.Tensor) -> bool:
+    """The flash kernel behind varlen_attn: fp16/bf16 on an Ampere or newer GPU."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    )
 
 
 def _varlen_call(
@@ -341,14 +360,43 @@ def _register_attention() -> None:
 
 
 def use_packed_attention(model: Any) -> None:
-    """Switch the causal LM to packed_attention (SDPA for calls without boundaries)."""
+    """Switch the causal LM to packed_attention for training forwards (which pass the
+    boundaries: training/step.py); use_plain_attention switches back."""
     _register_attention()
     lm = _causal_lm(model)
+    if lm.config._attn_implementation != ATTENTION:
+        lm.lorabot_attention_before = lm.config._attn_implementation
     lm.set_attn_implementation(ATTENTION)
 
 
-def use_sdpa(model: Any) -> None:
-    _causal_lm(model).set_attn_implementation("sdpa")
+def use_plain_attention(model: Any) -> None:
+    """Back to the attention implementation the model had before (sdpa by default)."""
+    lm = _causal_lm(model)
+    lm.set_attn_implementation(getattr(lm, "lorabot_attention_before", None) or "sdpa")
+
+
+# Architectures whose logits are lm_head(final hidden state) and whose attention is
+# plain causal softmax attention (no sliding window, soft-capping, sinks or dropout):
+# the only ones the head loss and packed attention compute exactly.
+PLAIN_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def _plain_architecture(config: Any) -> bool:
+    if getattr(config, "model_type", None) not in PLAIN_ARCHITECTURES:
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return False
+    scaled = [getattr(config, name, None) for name in _LOGIT_CHANGES]
+    return not any(scaled) and not getattr(config, "attention_dropout", 0.0)
+
+
+_LOGIT_CHANGES = (
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+)
 
 
 # fused norm, RoPE and SwiGLU kernels ------------------------------------------------
@@ -427,16 +475,22 @@ class FastPaths:
 def enable(model: Any) -> FastPaths:
     """Turn on every fast path this model allows (call after get_peft_model)."""
     lora_layers = fuse_lora(model)
-    head = _causal_lm(model).get_output_embeddings()
+    lm = _causal_lm(model)
+    plain = _plain_architecture(lm.config)
+    head = lm.get_output_embeddings()
     head_loss = (
-        isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
+        plain
+        and isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and not head.weight.requires_grad
     )
-    try:
-        use_packed_attention(model)
-        packed = True
-    except (ValueError, AttributeError, ImportError) as exc:
-        log.warning("packed attention unavailable (%s): using transformers' masks", exc)
-        packed = False
+    packed = False
+    if plain:
+        try:
+            use_packed_attention(model)
+            packed = True
+        except (ValueError, AttributeError, ImportError) as exc:
+            log.warning("packed attention unavailable (%s): using transformers' masks", exc)
     paths = FastPaths(lora_layers, head_loss, packed, use_liger(model))
     model.lorabot_fast = paths
     log.info("fast paths: %s", paths.as_dict())

@@ -294,7 +294,7 @@ def finish(
     plain = run.accelerator.unwrap_model(run.model)
     save_adapter(plain, run.out)
     if fast.paths_of(plain) is not None:
-        fast.use_sdpa(plain)  # generation builds its masks the usual way
+        fast.use_plain_attention(plain)  # generation builds its masks the usual way
     prompts = sample_prompts([to_messages(c) for c in val_convs], run.options.samples)
     samples = answer_samples(plain, chat_format, prompts, run.options.sample_tokens)
     write_metadata(run.out, metadata)

@@ -143,11 +143,11 @@ def test_disabled_adapter_and_generation_use_the_plain_paths(
     tiny_model: Any, tokenizer: Any
 ) -> None:
     """The report's before/after samples: with the adapter disabled the fast LoRA path
-    steps aside, and after use_sdpa generation matches a model without fast paths."""
+    steps aside, and after use_plain_attention generation matches a model without fast paths."""
     plain = lora_model(tiny_model, tokenizer)
     quick = lora_model(tiny_model, tokenizer)
     fast.enable(quick)
-    fast.use_sdpa(quick)
+    fast.use_plain_attention(quick)
     prompt = torch.tensor([[1, 5, 9, 22, 7]])
     with torch.no_grad():
         for disabled in (True, False):
@@ -184,3 +184,49 @@ def test_loss_curve_is_the_same_with_and_without_fast_paths(
     assert curves["--fast-paths"][-1] < curves["--fast-paths"][0]
     for quick, plain in zip(curves["--fast-paths"], curves["--no-fast-paths"], strict=True):
         assert quick == pytest.approx(plain, rel=1e-4)
+
+
+def test_architectures_the_fast_paths_cannot_compute_exactly_keep_transformers_paths(
+    tokenizer: Any,
+) -> None:
+    """A sliding window (Mistral v0.1) is not what packed attention computes: such a
+    model keeps transformers' attention and loss, and trains exactly as plain peft."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        sliding_window=8, tie_word_embeddings=True,
+    )  # fmt: skip
+    mistral = MistralForCausalLM(config).eval()
+    examples = make_examples(tokenizer, 5)
+    batch = collate(pack_rows(examples, 120), examples, pad_id=0)
+    plain = lora_model(mistral, tokenizer)
+    quick = lora_model(mistral, tokenizer)
+    paths = fast.enable(quick)
+    assert paths.lora_layers > 0 and not paths.head_loss and not paths.packed_attention
+    plain_loss, plain_grads = loss_and_grads(plain, batch)
+    quick_loss, quick_grads = loss_and_grads(quick, batch)
+    torch.testing.assert_close(quick_loss, plain_loss, rtol=1e-5, atol=1e-4)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(quick_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    capped = copy.deepcopy(config)
+    capped.sliding_window = None
+    assert fast._plain_architecture(capped)
+    capped.final_logit_softcapping = 30.0
+    assert not fast._plain_architecture(capped)
+
+
+def test_packed_attention_refuses_calls_without_boundaries(tiny_model: Any, tokenizer: Any) -> None:
+    """Generation through a model left on the training attention would silently ignore
+    padding: it is refused, and works after use_plain_attention."""
+    quick = lora_model(tiny_model, tokenizer)
+    fast.enable(quick)
+    prompt = torch.tensor([[1, 5, 9, 22, 7]])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="use_plain_attention"):
+        quick.generate(input_ids=prompt, max_new_tokens=2, do_sample=False)
+    fast.use_plain_attention(quick)
+    with torch.no_grad():
+        out = quick.generate(input_ids=prompt, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == 7
