@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,27 +113,6 @@ def linear_params(model: Any) -> int:
     h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
     return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * cfg.vocab_size
-
-
-class Accel:
-    """The slice of accelerate.Accelerator that train_step uses, for one process."""
-
-    num_processes = 1
-    process_index = 0
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def no_sync(self, model: Any) -> Any:
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def unwrap_model(self, model: Any) -> Any:
-        return model
 
 
 def timed(
@@ -225,7 +205,8 @@ def lorabot_run(
     paths = fast.enable(model) if fast_paths else None
     model.train()
     rows = pack_rows(examples, max_len) if max_len else single_rows(examples)
-    accel = Accel(device)
+    # The trainer's own accelerator, as `python -m training train` makes it (one process).
+    accel = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
     plan = Plan(tuple(rows), 0, batch_size * args.accum, 1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

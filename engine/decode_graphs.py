@@ -42,20 +42,17 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= batch)
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        with CAPTURE_LOCK:
-            return self._capture_locked(size)
-
-    def _capture_locked(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         args = (self._tokens[:size], self._slots[:size], self._positions[:size])
         stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
-                self._decode(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._decode(*args)
+        with CAPTURE_LOCK:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
+                    self._decode(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                logits = self._decode(*args)
         log.debug("captured the decode graph for batch %d", size)
         return graph, logits
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.decode_graphs import CAPTURE_LOCK
+
 log = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -235,30 +237,20 @@ def time_graph(
 ) -> float:
     """Microseconds per call of fn(w), replayed as one CUDA graph over `weights` in
     turn (no launch overhead, as in the decode graphs); the median of 5 replays."""
-    from engine.decode_graphs import CAPTURE_LOCK
-
-    with CAPTURE_LOCK:
-        return _time_graph_locked(fn, weights, stream)
-
-
-def _time_graph_locked(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    weights: Sequence[torch.Tensor],
-    stream: torch.cuda.Stream,
-) -> float:
-    stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        for w in weights[:2]:  # warm up: Triton loads its kernel, cuBLAS its workspace
-            fn(w)
-        # capture_begin, not torch.cuda.graph: that empties the allocator cache each time.
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            for w in weights:
+    with CAPTURE_LOCK:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for w in weights[:2]:  # warm up: Triton loads its kernel, cuBLAS its workspace
                 fn(w)
-        finally:
-            graph.capture_end()
-    torch.cuda.current_stream().wait_stream(stream)
+            # capture_begin, not torch.cuda.graph: that empties the allocator cache each time.
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                for w in weights:
+                    fn(w)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     times = []
     for _ in range(5):

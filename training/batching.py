@@ -33,7 +33,6 @@ class Batch:
     labels: torch.Tensor  # (B, T) int64, IGNORE where nothing is trained
     position_ids: torch.Tensor  # (B, T) int64, restarting at 0 for each example
     tokens: int  # real (non-padding) tokens
-    targets: int  # positions the loss is taken over
     # Where each example (and each row's padding) starts in the flattened (B*T) batch,
     # and where the last ends: the variable-length attention's boundaries.
     bounds: tuple[int, ...]
@@ -42,6 +41,11 @@ class Batch:
     # tokens: computed here so the GPU never waits for the host to find them.
     loss_positions: torch.Tensor
     loss_targets: torch.Tensor
+
+    @property
+    def targets(self) -> int:
+        """Positions the loss is taken over."""
+        return int(self.loss_targets.numel())
 
     @property
     def max_seqlen(self) -> int:
@@ -61,7 +65,6 @@ class Batch:
             move(self.labels),
             move(self.position_ids),
             self.tokens,
-            self.targets,
             self.bounds,
             move(self.cu_seqlens),
             move(self.loss_positions),
@@ -124,7 +127,6 @@ def collate(rows: Sequence[Row], examples: Sequence[Example], pad_id: int) -> Ba
         labels=labels,
         position_ids=position_ids,
         tokens=sum(row.length for row in rows),
-        targets=int(targets.numel()),
         bounds=tuple(bounds),
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         loss_positions=positions,

@@ -49,58 +49,18 @@ LOSS_CHUNK = 4096  # positions per head/loss chunk: (4096 x vocab) float32 at a 
 
 
 # LoRA ------------------------------------------------------------------------------
-class _LoraDelta(torch.autograd.Function):
-    """scaling * dropout(x) @ A.T @ B.T in x's dtype; A, B get gradients in their own."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scaling: float,
-        p: float,
-    ) -> torch.Tensor:
-        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
-        keep = None
-        dropped = x
-        if p > 0.0:
-            keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
-            dropped = x * keep * (1.0 / (1.0 - p))
-        xa = dropped @ a_c.T  # (..., r)
-        ctx.save_for_backward(dropped, xa, a_c, b_c, keep)
-        ctx.scaling, ctx.p = scaling, p
-        ctx.dtypes = (a.dtype, b.dtype)
-        return (xa * scaling) @ b_c.T
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        dropped, xa, a_c, b_c, keep = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad.reshape(-1, grad.shape[-1])
-        gb = (g @ b_c) * s  # (N, r)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (gb @ a_c).view(*grad.shape[:-1], a_c.shape[1])
-            if keep is not None:
-                grad_x = grad_x * keep * (1.0 / (1.0 - ctx.p))
-        if ctx.needs_input_grad[1]:
-            grad_a = (gb.T @ dropped.reshape(-1, dropped.shape[-1])).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[2]:
-            grad_b = ((g.T @ xa.reshape(-1, xa.shape[-1])) * s).to(ctx.dtypes[1])
-        return grad_x, grad_a, grad_b, None, None
-
-
 class _LoraLinear(torch.autograd.Function):
-    """x @ W.T + scaling * dropout(x) @ A.T @ B.T for a frozen, bias-free W of x's dtype:
-    the adapter's product is added into the base output in place, and in backward its
-    input gradient into the base's, so neither is a tensor of its own."""
+    """x @ W.T + scaling * dropout(x) @ A.T @ B.T in x's dtype, for a frozen, bias-free W
+    of x's dtype, or W None for the adapter's part alone (a base that runs itself). With
+    W the adapter's product is added into the base output in place, and in backward its
+    input gradient into the base's, so neither is a tensor of its own. A and B get
+    gradients in their own dtype."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
         scaling: float,
@@ -114,13 +74,16 @@ class _LoraLinear(torch.autograd.Function):
             keep = torch.empty_like(flat, dtype=torch.bool).bernoulli_(1.0 - p)
             dropped = flat * keep * (1.0 / (1.0 - p))
         xa = dropped @ a_c.T  # (N, r)
-        out = flat @ weight.T
-        out.addmm_(xa, b_c.T, alpha=scaling)
+        if weight is None:
+            out = (xa * scaling) @ b_c.T
+        else:
+            out = flat @ weight.T
+            out.addmm_(xa, b_c.T, alpha=scaling)
         ctx.save_for_backward(flat, weight, xa, a_c, b_c, keep)
         ctx.scaling, ctx.p = scaling, p
         ctx.dtypes = (a.dtype, b.dtype)
         ctx.shape = x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -130,11 +93,14 @@ class _LoraLinear(torch.autograd.Function):
         gb = (g @ b_c) * s  # (N, r)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
-            if keep is None:
-                grad_x.addmm_(gb, a_c)
+            if weight is not None and keep is None:
+                grad_x = (g @ weight).addmm_(gb, a_c)
             else:
-                grad_x += (gb @ a_c) * keep * (1.0 / (1.0 - p))
+                grad_x = gb @ a_c
+                if keep is not None:
+                    grad_x = grad_x * keep * (1.0 / (1.0 - p))
+                if weight is not None:
+                    grad_x += g @ weight
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[2]:
             dropped = flat if keep is None else flat * keep * (1.0 / (1.0 - p))
@@ -166,7 +132,7 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return _LoraLinear.apply(x, base.weight, a, b, scaling, p)
     # Quantized (bitsandbytes) or otherwise special base layers run themselves.
     result = base(x)
-    return result + _LoraDelta.apply(x, a, b, scaling, p).to(result.dtype)
+    return result + _LoraLinear.apply(x, None, a, b, scaling, p).to(result.dtype)
 
 
 def _plain_lora(module: Any) -> bool:
@@ -184,7 +150,7 @@ def _plain_lora(module: Any) -> bool:
 
 
 def fuse_lora(model: Any) -> int:
-    """Route every plain LoRA linear layer through _LoraDelta; returns how many."""
+    """Route every plain LoRA linear layer through _LoraLinear; returns how many."""
     count = 0
     for module in model.modules():
         if _plain_lora(module):

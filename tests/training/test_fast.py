@@ -82,7 +82,7 @@ def lora_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, p: 
 def lora_delta_plus_base(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, p: float
 ) -> Any:
-    return x @ WEIGHT.to(x.dtype).T + fast._LoraDelta.apply(x, a, b, s, p)
+    return x @ WEIGHT.to(x.dtype).T + fast._LoraLinear.apply(x, None, a, b, s, p)
 
 
 @pytest.mark.parametrize("function", [lora_linear, lora_delta_plus_base])
