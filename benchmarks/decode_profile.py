@@ -13,19 +13,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.engine_bench import random_llama_7b  # noqa: E402
 from engine.decode_graphs import DecodeGraphs  # noqa: E402
 from engine.llama import LlamaRunner  # noqa: E402
 
 
 def main() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-    )  # fmt: skip
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model = random_llama_7b().eval()
     runner = LlamaRunner(model, slots=65, slot_tokens=2048)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     for library in ("cublas", "cublaslt"):

@@ -145,18 +145,12 @@ def print_layer_sums(rows: list[dict]) -> None:
 
 def bench_decode() -> dict:
     """Graph-replayed 7B decode step, dispatcher on and off (decode_profile's setup)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from benchmarks.engine_bench import random_llama_7b
     from engine.decode_graphs import DecodeGraphs
+    from engine.linear import plain_linear as plain
     from engine.llama import LlamaRunner
-    from engine.llama import torch_linear as plain
 
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-    )  # fmt: skip
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).bfloat16().eval()
+    model = random_llama_7b().eval()
     started = time.perf_counter()
     runner = LlamaRunner(model, slots=65, slot_tokens=1024)
     result: dict[str, Any] = {"runner_start_s": time.perf_counter() - started}

@@ -103,6 +103,8 @@ def triton_decode_attention(
     lengths: torch.Tensor,
     split_tokens: int,
     block_n: int,
+    warps: int = 4,
+    stages: int = 3,
 ) -> torch.Tensor:
     """q (B, H, D); caches (S, T, K, D); slots, lengths (B,) int -> (B, H, D)."""
     batch, heads, dim = q.shape
@@ -119,7 +121,7 @@ def triton_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         1.0 / math.sqrt(dim),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=dim,
-        SPLIT=split_tokens, BLOCK_N=block_n, NSPLIT=nsplit,
+        SPLIT=split_tokens, BLOCK_N=block_n, NSPLIT=nsplit, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     _merge_kernel[(batch, heads)](
         acc, stats, out, out.stride(0), out.stride(1), heads, D=dim, NSPLIT=nsplit

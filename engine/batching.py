@@ -1,9 +1,11 @@
 """Continuous batching over a slot KV cache: the worker thread's loop for LLaMA models.
 
-Each iteration takes new requests while slots are free, prefills one chunk of one
-prompt, and runs one decode step for every sequence already generating (vLLM v1's
-EngineCore.step: schedule -> step -> publish). Requests join between steps and leave
-the moment they finish. A finished sequence's slot keeps its KV, so the next turn of
+Each iteration takes new requests while slots are free, then runs one step (vLLM v1's
+EngineCore.step: schedule -> step -> publish). While prompts wait, a step prefills up
+to `prefill_chunk` of their tokens and carries every generating sequence's next token
+in the same pass (mixed prefill and decode, as vLLM's chunked prefill does); otherwise
+it is a decode step for every generating sequence, replayed from a CUDA graph.
+Requests join between steps and leave the moment they finish. A finished sequence's slot keeps its KV, so the next turn of
 the same chat prefills only what is new (prefix reuse); idle slots are taken least
 recently used first.
 
@@ -68,6 +70,12 @@ class DecodeStep:
     tokens: torch.Tensor  # (B,) the sampled ids, on the device
     host: torch.Tensor  # (B,) the same ids on the host, once `copied` has happened
     copied: torch.cuda.Event | None
+
+    @classmethod
+    def read_already(cls, batch: list[Sequence], tokens: list[int]) -> DecodeStep:
+        """A step whose ids the host has already read."""
+        none = torch.empty(0)
+        return cls(batch, none, none, none, torch.tensor(tokens, dtype=torch.long), None)
 
     def read(self) -> list[int]:
         """The sampled ids (waits for the step to finish)."""
@@ -149,8 +157,8 @@ class BatchScheduler:
                 self._drop_cancelled()
                 if self.prefilling:
                     self._drain()  # new sequences join the batch: nothing may be in flight
-                    self._prefill_step()
-                if self.decoding or self._pending is not None:
+                    self._prefill_step()  # decoding sequences advance in it too
+                elif self.decoding or self._pending is not None:
                     self._decode_step()
 
     def _admit(self, requests: queue.Queue[Request | None]) -> bool:
@@ -213,7 +221,9 @@ class BatchScheduler:
     # steps -------------------------------------------------------------------------
     def _prefill_step(self) -> None:
         """Prefill up to `prefill_chunk` prompt tokens, packed across waiting prompts
-        (a long prompt continues in the next step), so decoding never stalls long."""
+        (a long prompt continues in the next step), with every decoding sequence's
+        next token in the same pass: its row rides along in the prompt's matrix
+        products, so decoding neither stalls nor pays for a step of its own."""
         chunks: list[tuple[Sequence, list[int]]] = []
         room = self.prefill_chunk
         for seq in self.prefilling:
@@ -223,9 +233,10 @@ class BatchScheduler:
             chunks.append((seq, piece))
             room -= len(piece)
             self.prefill_tokens += len(piece)
-        device = self.runner.device
-        logits = self.runner.prefill_many(
-            [(seq.slot, torch.tensor(piece, device=device), seq.cached) for seq, piece in chunks]
+        decoding = self.decoding  # nothing is in flight: the caller drained
+        logits = self.runner.forward(
+            [(seq.slot, piece, seq.cached) for seq, piece in chunks],
+            [(s.next_token, s.slot, s.position) for s in decoding],
         )
         done: list[tuple[Sequence, int]] = []
         for row, (seq, piece) in enumerate(chunks):
@@ -233,18 +244,21 @@ class BatchScheduler:
             seq.cached += len(piece)
             if seq.cached == len(seq.prompt):
                 done.append((seq, row))
-        if not done:
-            return
         for seq, _row in done:
             self.prefilling.remove(seq)
             seq.position = len(seq.prompt)
-        rows = upload([row for _, row in done], device)
-        first = sample_batch(
-            logits[rows],
-            [seq.request.params for seq, _ in done],
-            [self._seen(seq) for seq, _ in done],
-            [seq.generator for seq, _ in done],
+        sampled = [seq for seq, _ in done] + decoding
+        if not sampled:
+            return
+        rows = [row for _, row in done] + [len(chunks) + i for i in range(len(decoding))]
+        tokens = sample_batch(
+            logits[upload(rows, self.runner.device)],
+            [seq.request.params for seq in sampled],
+            [self._seen(seq) for seq in sampled],
+            [seq.generator for seq in sampled],
         ).tolist()
+        first, after = tokens[: len(done)], tokens[len(done) :]
+        self._publish(DecodeStep.read_already(decoding, after))
         for (seq, _row), token in zip(done, first, strict=True):
             if self._accept(seq, token):
                 self.decoding.append(seq)

@@ -16,7 +16,7 @@ batch size where it measured faster than cuBLAS when the runner was built.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,16 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from engine.attention import decode_attention
+from engine.attention import decode_attention, flash_capable, varlen_causal
+from engine.linear import Linear, Prologue, plain_linear
+from engine.sampling_batch import upload
 
 SUPPORTED = ("llama", "mistral")
-
-# x (M, K), w (N, K), bias (M, N) or None -> x @ w.T (+ bias)
-Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-def torch_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
 
 
 def supports(model: Any) -> bool:
@@ -62,6 +57,95 @@ class Layer:
     down: torch.Tensor  # (E, I)
 
 
+@dataclass
+class FlashPlan:
+    """Packed-key layout of a step's prompt chunks for varlen flash attention."""
+
+    kv_slots: torch.Tensor  # (K,) the slot of each packed key
+    kv_positions: torch.Tensor  # (K,) its position in the slot
+    cu_q: torch.Tensor  # (C + 1,) int32
+    cu_k: torch.Tensor  # (C + 1,) int32
+    max_q: int
+    max_k: int
+
+
+@dataclass
+class Plan:
+    """The rows of one forward: prompt chunks first, then decode rows."""
+
+    tokens: torch.Tensor  # (N,)
+    positions: torch.Tensor  # (N,)
+    slots: torch.Tensor  # (N,)
+    outputs: torch.Tensor  # (C + B,) the rows whose logits are returned
+    chunks: list[tuple[int, int, int]]  # (slot, length, start) of each prompt chunk
+    chunk_rows: list[int]  # the first row of each chunk
+    prefill_rows: int
+    decode_rows: int
+    flash: FlashPlan | None
+
+    @classmethod
+    def build(
+        cls,
+        chunks: list[tuple[int, list[int], int]],
+        decode: Sequence[tuple[int, int, int]],
+        device: torch.device,
+        flash: bool,
+    ) -> Plan:
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        outputs: list[int] = []
+        layout, firsts = [], []
+        kv_slots: list[int] = []
+        kv_positions: list[int] = []
+        cu_q, cu_k = [0], [0]
+        for slot, ids, start in chunks:
+            firsts.append(len(tokens))
+            layout.append((slot, len(ids), start))
+            stop = start + len(ids)
+            tokens += ids
+            positions += range(start, stop)
+            slots += [slot] * len(ids)
+            outputs.append(len(tokens) - 1)
+            if flash:
+                kv_slots += [slot] * stop
+                kv_positions += range(stop)
+                cu_q.append(cu_q[-1] + len(ids))
+                cu_k.append(cu_k[-1] + stop)
+        prefill_rows = len(tokens)
+        for token, slot, position in decode:
+            outputs.append(len(tokens))
+            tokens.append(token)
+            positions.append(position)
+            slots.append(slot)
+        # One host-to-device copy for all the step's indices.
+        n, m, k = len(tokens), len(outputs), len(kv_slots)
+        packed = upload(tokens + positions + slots + outputs + kv_slots + kv_positions, device)
+        views = packed.split([n, n, n, m, k, k])
+        plan_flash = None
+        if flash and chunks:
+            cu = upload(cu_q + cu_k, device).to(torch.int32)
+            plan_flash = FlashPlan(
+                kv_slots=views[4],
+                kv_positions=views[5],
+                cu_q=cu[: len(cu_q)],
+                cu_k=cu[len(cu_q) :],
+                max_q=max(length for _, length, _ in layout),
+                max_k=max(start + length for _, length, start in layout),
+            )
+        return cls(
+            tokens=views[0],
+            positions=views[1],
+            slots=views[2],
+            outputs=views[3],
+            chunks=layout,
+            chunk_rows=firsts,
+            prefill_rows=prefill_rows,
+            decode_rows=len(decode),
+            flash=plan_flash,
+        )
+
+
 class LlamaRunner:
     def __init__(self, model: Any, *, slots: int, slot_tokens: int) -> None:
         config = model.config
@@ -88,11 +172,13 @@ class LlamaRunner:
             # torch sends SDPA to cuDNN by default, which builds a plan for every new
             # shape (40 ms - 2 s); prefill meets a new length every chunk.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        # Prompt chunks through varlen flash attention where torch has it for this GPU.
+        self.flash = flash_capable(self.embed)
         # Fused Triton kernels on CUDA; plain PyTorch ops elsewhere.
         self.fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         # Decode's few-row products: a Triton kernel where it measured faster than cuBLAS
         # for that weight and batch size, decided once here, before any graph capture.
-        self.decode_linear: Linear = torch_linear
+        self.decode_linear: Linear = plain_linear
         if self.fused:
             from engine.skinny_gemm import calibrate
 
@@ -109,15 +195,18 @@ class LlamaRunner:
             down=mlp.down_proj.weight,
         )
 
-    def _linear_groups(self) -> list[tuple[list[torch.Tensor], bool]]:
-        """Each product's weights over all layers, and whether it adds the residual."""
+    def _linear_groups(self) -> list[Any]:
+        """Each decode product over all layers: its weights, whether it adds the
+        residual, and what runs on its rows first."""
+        from engine.skinny_gemm import Group
+
         layers = self.layers
         return [
-            ([layer.qkv for layer in layers], False),
-            ([layer.o for layer in layers], True),
-            ([layer.gate_up for layer in layers], False),
-            ([layer.down for layer in layers], True),
-            ([self.lm_head], False),
+            Group([layer.qkv for layer in layers], kind="norm"),
+            Group([layer.o for layer in layers], with_bias=True),
+            Group([layer.gate_up for layer in layers], kind="norm"),
+            Group([layer.down for layer in layers], with_bias=True, kind="glu"),
+            Group([self.lm_head], kind="norm"),
         ]
 
     def _rope_table(self, model: Any, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,81 +247,77 @@ class LlamaRunner:
         sin = self.sin[positions][:, None, :]
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
-    def _mlp(self, layer: Layer, h: torch.Tensor, linear: Linear = torch_linear) -> torch.Tensor:
-        if self.fused:
-            from engine.fused_triton import rmsnorm, silu_mul
+    def _mlp(self, layer: Layer, h: torch.Tensor, linear: Linear = plain_linear) -> torch.Tensor:
+        gate_up = linear(h, layer.gate_up, None, self._rms(layer.post_norm))
+        return linear(gate_up, layer.down, h, Prologue(glu=True))
 
-            gate_up = linear(rmsnorm(h, layer.post_norm, self.eps), layer.gate_up, None)
-            return linear(silu_mul(gate_up), layer.down, h)
-        gate, up = (self._norm(h, layer.post_norm) @ layer.gate_up.T).chunk(2, dim=-1)
-        return torch.addmm(h, F.silu(gate) * up, layer.down.T)
+    def _logits(self, h: torch.Tensor, linear: Linear = plain_linear) -> torch.Tensor:
+        return linear(h, self.lm_head, None, self._rms(self.final_norm)).float()
 
-    def _logits(self, h: torch.Tensor, linear: Linear = torch_linear) -> torch.Tensor:
-        if self.fused:
-            from engine.fused_triton import rmsnorm
+    def _rms(self, weight: torch.Tensor) -> Prologue:
+        return Prologue(norm=weight, eps=self.eps)
 
-            return linear(rmsnorm(h, self.final_norm, self.eps), self.lm_head, None).float()
-        return (self._norm(h, self.final_norm) @ self.lm_head.T).float()
-
-    # prefill -----------------------------------------------------------------------
-    def prefill(self, slot: int, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Run `tokens` (T,) at positions start..start+T-1 of `slot`, writing their KV;
-        return the logits (V,) after the last one."""
-        return self.prefill_many([(slot, tokens, start)])[0]
-
-    def prefill_many(self, chunks: list[tuple[int, torch.Tensor, int]]) -> torch.Tensor:
-        """Prefill several (slot, tokens, start) chunks in one pass: the matrix products
-        run over all their tokens at once, attention per chunk. Returns (C, V) logits
-        after each chunk's last token."""
-        device = self.device
-        tokens = torch.cat([t for _, t, _ in chunks])
-        positions = torch.cat(
-            [torch.arange(start, start + t.shape[0], device=device) for _, t, start in chunks]
-        )
-        slots = torch.cat([torch.full((t.shape[0],), slot, device=device) for slot, t, _ in chunks])
-        h = self.embed[tokens]
+    # prefill (and mixed steps) -----------------------------------------------------
+    def forward(
+        self,
+        chunks: list[tuple[int, list[int], int]],
+        decode: Sequence[tuple[int, int, int]] = (),
+    ) -> torch.Tensor:
+        """One pass over prompt chunks (slot, token ids, start position) and decode rows
+        (token id, slot, position): the matrix products run over all their rows at once
+        (a decode row costs one more row of a large product instead of a step of its
+        own), attention per kind of row. Each row's KV is written to its slot. Returns
+        (C + B, V) logits: after each chunk's last token, then one per decode row."""
+        plan = Plan.build(chunks, decode, self.device, self.flash)
+        h = self.embed[plan.tokens]
+        prefill_rows = plan.prefill_rows
         for index, layer in enumerate(self.layers):
-            q = self._project_and_cache(index, layer, h, positions, slots)
-            out = torch.cat(
-                [
-                    self._prefill_attention(index, q[first:end], chunks[i])
-                    for i, first, end in self._spans(chunks)
-                ]
-            )
+            q = self._project_and_cache(index, layer, h, plan.positions, plan.slots)
+            parts = []
+            if prefill_rows:
+                parts.append(self._prefill_attention(index, q[:prefill_rows], plan))
+            if plan.decode_rows:
+                parts.append(
+                    decode_attention(
+                        q[prefill_rows:],
+                        self.k_cache[index],
+                        self.v_cache[index],
+                        plan.slots[prefill_rows:],
+                        plan.positions[prefill_rows:] + 1,
+                    )  # fmt: skip
+                )
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
             h = torch.addmm(h, out.reshape(h.shape[0], -1), layer.o.T)
             h = self._mlp(layer, h)
-        ends = torch.tensor([end - 1 for _, _, end in self._spans(chunks)], device=device)
-        return self._logits(h[ends])
+        return self._logits(h[plan.outputs])
 
-    @staticmethod
-    def _spans(chunks: list[tuple[int, torch.Tensor, int]]) -> list[tuple[int, int, int]]:
-        """(chunk index, first row, end row) of each chunk in the packed batch."""
-        spans, row = [], 0
-        for index, (_slot, tokens, _start) in enumerate(chunks):
-            spans.append((index, row, row + tokens.shape[0]))
-            row += tokens.shape[0]
-        return spans
-
-    def _prefill_attention(
-        self, index: int, q: torch.Tensor, chunk: tuple[int, torch.Tensor, int]
-    ) -> torch.Tensor:
-        """Causal attention of one chunk's queries (T, H, D) over its slot's cache."""
-        slot, tokens, start = chunk
-        t = tokens.shape[0]
-        stop = start + t
-        # Causal over the slot's whole prefix: the T queries sit at the bottom right of a
-        # (T, start+T) score matrix. A CausalBias lets SDPA use its fused kernels instead
-        # of a materialised mask (a chat's 10th turn attends to all earlier ones).
-        mask = causal_lower_right(t, stop) if start else None
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],  # (1, H, T, D)
-            self.k_cache[index, slot, :stop].transpose(0, 1)[None],
-            self.v_cache[index, slot, :stop].transpose(0, 1)[None],
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=self.heads != self.kv_heads,
-        )
-        return out[0].transpose(0, 1)  # (T, H, D)
+    def _prefill_attention(self, index: int, q: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Causal attention of the chunks' queries (P, H, D) over their slots' caches
+        (each chunk's queries sit at the bottom right of its (T, start+T) scores)."""
+        k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+        if plan.flash is not None:
+            # One varlen flash call for every chunk, over each slot's keys gathered
+            # into one packed tensor (a chunk's own keys, plus its cached prefix).
+            f = plan.flash
+            keys = k_cache[f.kv_slots, f.kv_positions]
+            values = v_cache[f.kv_slots, f.kv_positions]
+            return varlen_causal(q, keys, values, f.cu_q, f.cu_k, f.max_q, f.max_k)
+        outputs = []
+        for (slot, length, start), first in zip(plan.chunks, plan.chunk_rows, strict=True):
+            stop = start + length
+            # A CausalBias lets SDPA use its fused kernels instead of a materialised
+            # mask (a chat's 10th turn attends to all earlier ones).
+            mask = causal_lower_right(length, stop) if start else None
+            out = F.scaled_dot_product_attention(
+                q[first : first + length].transpose(0, 1)[None],  # (1, H, T, D)
+                k_cache[slot, :stop].transpose(0, 1)[None],
+                v_cache[slot, :stop].transpose(0, 1)[None],
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=self.heads != self.kv_heads,
+            )
+            outputs.append(out[0].transpose(0, 1))  # (T, H, D)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _project_and_cache(
         self,
@@ -241,13 +326,13 @@ class LlamaRunner:
         h: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
-        linear: Linear = torch_linear,
+        linear: Linear = plain_linear,
     ) -> torch.Tensor:
         """q (N, H, D) for rows `h`; their k and v go into the cache at (slot, position)."""
         if self.fused:
-            from engine.fused_triton import rmsnorm, rope_into_cache
+            from engine.fused_triton import rope_into_cache
 
-            qkv = linear(rmsnorm(h, layer.input_norm, self.eps), layer.qkv, None)
+            qkv = linear(h, layer.qkv, None, self._rms(layer.input_norm))
             return rope_into_cache(
                 qkv, self.cos, self.sin, positions, slots,
                 self.k_cache[index], self.v_cache[index], self.heads, self.kv_heads,
@@ -269,7 +354,7 @@ class LlamaRunner:
         for index, layer in enumerate(self.layers):
             q = self._project_and_cache(index, layer, h, positions, slots, linear)
             out = decode_attention(q, self.k_cache[index], self.v_cache[index], slots, lengths)
-            h = linear(out.reshape(h.shape[0], -1), layer.o, h)
+            h = linear(out.reshape(h.shape[0], -1), layer.o, h, None)
             h = self._mlp(layer, h, linear)
         return self._logits(h, linear)
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from engine.decode_graphs import CAPTURE_LOCK
+from engine.linear import Prologue, torch_linear, unfused
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,34 @@ def _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K: tl.constexpr):
     return w, x
 
 
+@triton.jit
+def _prologue(x, x_ptrs, k, K, rk, NormW, rstd, NORM: tl.constexpr, GLU: tl.constexpr):
+    """The row tile as the product sees it: RMS-normalised (NORM), or silu(gate) * up
+    with `up` K columns to the right (GLU); the rounding of transformers' RMSNorm and
+    of F.silu(gate) * up (engine/fused_triton.py), step by step."""
+    if NORM:
+        nw = tl.load(NormW + k + rk, mask=(k + rk) < K, other=0.0)
+        normed = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
+        x = (normed.to(tl.float32) * nw.to(tl.float32)[None, :]).to(x.dtype)
+    if GLU:
+        up = tl.load(x_ptrs + K, mask=(k + rk)[None, :] < K, other=0.0)
+        g = x.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(x.dtype)
+        x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)  # one rounding, as torch
+    return x
+
+
 @triton.jit(do_not_specialize=["M", "k_per_split", "has_bias"])
 def _skinny_kernel(
-    X, W, Bias, Y, Part, M, N, K,
-    stride_xm, stride_wn, stride_bm, stride_ym, k_per_split, has_bias,
+    X, W, Bias, Y, Part, NormW, M, N, K,
+    stride_xm, stride_wn, stride_bm, stride_ym, k_per_split, has_bias, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    NORM: tl.constexpr, GLU: tl.constexpr,
 ):  # fmt: skip
     """Program (n, s): columns n*BLOCK_N.. over K range s*k_per_split.. for all M rows;
-    the result (plus bias) in Y, or an fp32 partial in Part when K is split."""
+    the result (plus bias) in Y, or an fp32 partial in Part when K is split. NORM: the
+    rows are RMS-normalised on the way in (each program first reads its rows whole for
+    their statistics); GLU: X holds [gate | up] and the rows are silu(gate) * up."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,11 +114,20 @@ def _skinny_kernel(
     x_rows = tl.minimum(rm, M - 1)
     w_ptrs = W + w_rows[:, None] * stride_wn + (k_start + rk)[None, :]  # (BLOCK_N, BLOCK_K)
     x_ptrs = X + x_rows[:, None] * stride_xm + (k_start + rk)[None, :]  # (BLOCK_M, BLOCK_K)
+    rstd = tl.zeros((BLOCK_M,), tl.float32)
+    if NORM:  # fp32 mean of squares over the whole row, as LlamaRMSNorm
+        squares = tl.zeros((BLOCK_M,), tl.float32)
+        row_ptrs = X + x_rows[:, None] * stride_xm + rk[None, :]
+        for k in range(0, K, BLOCK_K):
+            part = tl.load(row_ptrs + k, mask=(k + rk)[None, :] < K, other=0.0).to(tl.float32)
+            squares += tl.sum(part * part, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
     if BLOCK_M == 1:
         # One row: products summed per lane, reduced across K once at the end.
         lanes = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             w, x = _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K)
+            x = _prologue(x, x_ptrs, k, K, rk, NormW, rstd, NORM, GLU)
             lanes += w.to(tl.float32) * x.to(tl.float32)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -106,6 +136,7 @@ def _skinny_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             w, x = _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K)
+            x = _prologue(x, x_ptrs, k, K, rk, NormW, rstd, NORM, GLU)
             acc = tl.dot(w, tl.trans(x), acc)  # W is the wide operand: y.T = W x.T
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -135,11 +166,20 @@ def _sum_splits_kernel(
 
 
 def skinny_matmul(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, kernel: Kernel
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel: Kernel,
+    prologue: Prologue | None = None,
 ) -> torch.Tensor:
     """x (M, K) @ w (N, K).T (+ bias (M, N)) -> (M, N) in x's dtype, fp32 accumulation.
-    1 <= M <= tile.block_m; x and bias unit-stride along their last axis; w contiguous."""
+    1 <= M <= tile.block_m; x and bias unit-stride along their last axis; w contiguous.
+    With a prologue, x is first RMS-normalised, or (glu) x (M, 2K) becomes
+    silu(x[:, :K]) * x[:, K:]."""
+    prologue = prologue or Prologue()
     m, k = x.shape
+    if prologue.glu:
+        k //= 2
     n = w.shape[0]
     tile = kernel.tile
     assert 0 < m <= tile.block_m and w.shape[1] == k and w.is_contiguous(), (x.shape, w.shape)
@@ -148,11 +188,14 @@ def skinny_matmul(
     splits = triton.cdiv(k, k_per_split)
     part = torch.empty((splits, m, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
     b = y if bias is None else bias
+    norm = prologue.norm if prologue.norm is not None else w
     _skinny_kernel[(triton.cdiv(n, tile.block_n), splits)](
-        x, w, b, y, part, m, n, k,
+        x, w, b, y, part, norm, m, n, k,
         x.stride(0), w.stride(0), b.stride(0), y.stride(0), k_per_split, int(bias is not None),
+        prologue.eps,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        EVEN_K=k % tile.block_k == 0, num_warps=tile.warps, num_stages=tile.stages,
+        EVEN_K=k % tile.block_k == 0, NORM=prologue.norm is not None, GLU=prologue.glu,
+        num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     if splits > 1:
         block = 1024
@@ -163,20 +206,17 @@ def skinny_matmul(
     return y
 
 
-def torch_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
-
-
 def row_bucket(rows: int) -> int | None:
     return next((b for b in ROW_BUCKETS if b >= rows), None)
 
 
-Key = tuple[int, int, bool, int]  # (N, K, with bias, row bucket)
+Key = tuple[int, int, bool, int, str]  # (N, K, with bias, row bucket, prologue kind)
 
 
 class SkinnyGemm:
-    """x @ w.T (+ bias) through the kernel measured fastest for this shape and row
-    bucket; torch for everything else. Safe inside CUDA-graph capture (no host sync)."""
+    """x @ w.T (+ bias), after an optional prologue, through the kernel measured fastest
+    for this shape, row bucket and prologue; torch (the prologue as its own kernel) for
+    everything else. Safe inside CUDA-graph capture (no host sync)."""
 
     def __init__(
         self,
@@ -189,26 +229,38 @@ class SkinnyGemm:
         self.seconds = seconds  # what calibration cost
 
     def __call__(
-        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        prologue: Prologue | None = None,
     ) -> torch.Tensor:
-        kernel = self._kernel(x, w, bias)
+        kernel = self._kernel(x, w, bias, prologue or Prologue())
         if kernel is None:
-            return torch_linear(x, w, bias)
-        return skinny_matmul(x, w, bias, kernel)
+            return unfused(x, w, bias, prologue) if prologue else torch_linear(x, w, bias)
+        return skinny_matmul(x, w, bias, kernel, prologue)
 
-    def _kernel(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+    def _kernel(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, prologue: Prologue
+    ) -> Kernel | None:
         if not self.plans or not x.is_cuda or x.dim() != 2 or x.stride(1) != 1:
             return None
-        (m, k), n = x.shape, w.shape[0]
+        m, n, k = x.shape[0], w.shape[0], w.shape[1]
         bucket = row_bucket(m)
-        if bucket is None or m == 0 or w.shape != (n, k) or not w.is_contiguous():
+        if bucket is None or m == 0 or not w.is_contiguous():
+            return None
+        if x.shape[1] != (2 * k if prologue.glu else k):
+            return None
+        if prologue.norm is not None and (
+            prologue.norm.shape != (k,) or prologue.norm.dtype != x.dtype
+        ):
             return None
         if x.dtype != w.dtype or (
             bias is not None
             and (bias.shape != (m, n) or bias.stride(1) != 1 or bias.dtype != x.dtype)
         ):
             return None
-        return self.plans.get((n, k, bias is not None, bucket))
+        return self.plans.get((n, k, bias is not None, bucket, prologue.kind))
 
 
 def candidates(n: int, k: int, bucket: int, sms: int) -> list[Kernel]:
@@ -284,27 +336,40 @@ class Trial:
 
 
 def search(
-    weights: Sequence[torch.Tensor], rows: int, with_bias: bool, stream: torch.cuda.Stream
+    weights: Sequence[torch.Tensor],
+    rows: int,
+    with_bias: bool,
+    kind: str,
+    stream: torch.cuda.Stream,
 ) -> list[Trial]:
-    """Time torch (the first trial) and every candidate kernel that computes the same
-    product (relative error < 1e-2) for `rows` rows; failures are logged, left out."""
+    """Time torch (the first trial: the prologue as its own kernel, then cuBLAS) and
+    every candidate kernel that computes the same result (relative error < 1e-2) for
+    `rows` rows; failures are logged, left out."""
     w0 = weights[0]
     n, k = w0.shape
     gen = torch.Generator(device=w0.device).manual_seed(rows)
-    x = torch.randn((rows, k), generator=gen, device=w0.device).to(w0.dtype)
+    width = 2 * k if kind == "glu" else k
+    x = torch.randn((rows, width), generator=gen, device=w0.device).to(w0.dtype)
     b = torch.randn((rows, n), generator=gen, device=w0.device).to(w0.dtype) if with_bias else None
+    prologue = Prologue()
+    if kind == "norm":
+        scale = 1 + 0.1 * torch.randn(k, generator=gen, device=w0.device)
+        prologue = Prologue(norm=scale.to(w0.dtype), eps=1e-5)
+    elif kind == "glu":
+        prologue = Prologue(glu=True)
     turns = rotation(weights)
-    expected = torch_linear(x, w0, b).float()
-    trials = [Trial(None, time_graph(lambda w: torch_linear(x, w, b), turns, stream))]
+    expected = unfused(x, w0, b, prologue).float()
+    trials = [Trial(None, time_graph(lambda w: unfused(x, w, b, prologue), turns, stream))]
     sms = torch.cuda.get_device_properties(w0.device).multi_processor_count
     for kernel in candidates(n, k, row_bucket(rows) or rows, sms):
         try:
-            out = skinny_matmul(x, w0, b, kernel).float()
+            out = skinny_matmul(x, w0, b, kernel, prologue).float()
             error = ((out - expected).norm() / expected.norm()).item()
             if not error < 1e-2:
                 log.warning("skinny gemm %s on (%d, %d): error %.2g, left out", kernel, n, k, error)
                 continue
-            us = time_graph(partial(skinny_matmul, x, bias=b, kernel=kernel), turns, stream)
+            fused = partial(skinny_matmul, x, bias=b, kernel=kernel, prologue=prologue)
+            us = time_graph(fused, turns, stream)
         # Whatever a candidate raises (compile error, out of shared memory, a capture
         # failure), cuBLAS serves this shape instead; the reason is logged.
         except Exception as exc:  # noqa: BLE001
@@ -325,44 +390,53 @@ class Decision:
         return self.best is not None and self.best.us < WIN_MARGIN * self.torch_us
 
     def __str__(self) -> str:
-        n, k, with_bias, bucket = self.key
+        n, k, with_bias, bucket, kind = self.key
         best = f"{self.best.us:.1f} us [{self.best.kernel}]" if self.best else "none"
         return (
-            f"({n}, {k}){' +bias' if with_bias else ''} M<={bucket}: torch {self.torch_us:.1f}"
-            f" us, triton {best} -> {'triton' if self.triton else 'torch'}"
+            f"({n}, {k}){' +bias' if with_bias else ''}{' ' + kind if kind else ''}"
+            f" M<={bucket}: torch {self.torch_us:.1f} us, triton {best}"
+            f" -> {'triton' if self.triton else 'torch'}"
         )
 
 
-def measure(
-    weights: Sequence[torch.Tensor], with_bias: bool, top: int, done: Iterable[Key]
-) -> dict[Key, Decision]:
-    """The decision for each row bucket up to `top` of this weight shape (not in done)."""
-    w0 = weights[0]
+@dataclass(frozen=True)
+class Group:
+    """One product of every layer: its same-shaped weights, whether a residual is added
+    (bias), and its prologue kind ("", "norm" or "glu")."""
+
+    weights: Sequence[torch.Tensor]
+    with_bias: bool = False
+    kind: str = ""
+
+
+def measure(group: Group, top: int, done: Iterable[Key]) -> dict[Key, Decision]:
+    """The decision for each row bucket up to `top` of this product (not in done)."""
+    w0 = group.weights[0]
     decisions = {}
     with torch.no_grad(), torch.cuda.device(w0.device):
         stream = torch.cuda.Stream(w0.device)
         for bucket in (b for b in ROW_BUCKETS if b <= top):
-            key = (w0.shape[0], w0.shape[1], with_bias, bucket)
+            key = (w0.shape[0], w0.shape[1], group.with_bias, bucket, group.kind)
             if key not in done:
-                trials = search(weights, bucket, with_bias, stream)
+                trials = search(group.weights, bucket, group.with_bias, group.kind, stream)
                 best = min(trials[1:], key=lambda t: t.us, default=None)
                 decisions[key] = Decision(key, trials[0].us, best)
     return decisions
 
 
-def calibrate(groups: Sequence[tuple[Sequence[torch.Tensor], bool]], max_rows: int) -> SkinnyGemm:
-    """groups: (the same-shaped weights of every layer, used with a bias?) for each
-    product. Measures each row bucket up to max_rows (at most 64) once, at start, and
-    keeps Triton where it wins by WIN_MARGIN. All torch off CUDA or for fp32 weights."""
+def calibrate(groups: Sequence[Group], max_rows: int) -> SkinnyGemm:
+    """Measures each product's row buckets up to max_rows (at most 64) once, at start,
+    and keeps Triton where it wins by WIN_MARGIN. All torch off CUDA or for fp32
+    weights."""
     top = row_bucket(min(max_rows, ROW_BUCKETS[-1])) or ROW_BUCKETS[-1]
     started = time.perf_counter()
     decisions: dict[Key, Decision] = {}
-    for weights, with_bias in groups:
-        w0 = weights[0]
+    for group in groups:
+        w0 = group.weights[0]
         if not w0.is_cuda or w0.dtype not in (torch.bfloat16, torch.float16):
             continue
         try:
-            decisions |= measure(weights, with_bias, top, decisions.keys())
+            decisions |= measure(group, top, decisions.keys())
         # Measuring must never stop the engine from starting: what it could not measure,
         # torch serves. (A failing Triton candidate alone is handled inside `search`.)
         except Exception as exc:  # noqa: BLE001

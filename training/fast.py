@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import sys
 import types
@@ -41,6 +40,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from engine.attention import flash_capable, varlen_causal
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +228,6 @@ def _causal_lm(model: Any) -> Any:
 
 
 # attention -------------------------------------------------------------------------
-@functools.cache
-def _varlen() -> tuple[Any, frozenset[str]] | None:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
-
-
 def packed_attention(
     module: Any,
     query: torch.Tensor,
@@ -266,9 +258,9 @@ def packed_attention(
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
-    varlen = _varlen() if _flash_capable(q) else None
-    if varlen is not None and lorabot_cu_seqlens is not None:
-        out = _varlen_call(varlen, q, k, v, lorabot_cu_seqlens, lorabot_max_seqlen, scaling)
+    if lorabot_cu_seqlens is not None and flash_capable(q):
+        cu, longest = lorabot_cu_seqlens, lorabot_max_seqlen
+        out = varlen_causal(q, k, v, cu, cu, longest, longest, scaling)
     else:
         out = torch.cat(
             [
@@ -284,39 +276,6 @@ def packed_attention(
             ]
         )
     return out.view(batch, length, heads, dim), None
-
-
-def _flash_capable(q: torch.Tensor) -> bool:
-    """The flash kernel behind varlen_attn: fp16/bf16 on an Ampere or newer GPU."""
-    return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and torch.cuda.get_device_capability(q.device) >= (8, 0)
-    )
-
-
-def _varlen_call(
-    varlen: tuple[Any, frozenset[str]],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu: torch.Tensor,
-    max_len: int,
-    scale: float | None,
-) -> torch.Tensor:
-    function, params = varlen
-    kwargs: dict[str, Any] = {"scale": scale}
-    if "is_causal" in params:  # torch 2.10/2.11
-        kwargs["is_causal"] = True
-    else:
-        kwargs["window_size"] = (-1, 0)
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:
-            group = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return function(q, k, v, cu, cu, max_len, max_len, **kwargs)  # type: ignore[no-any-return]
 
 
 def _register_attention() -> None:

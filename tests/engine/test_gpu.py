@@ -18,7 +18,7 @@ pytestmark = [
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(32, 32, 128), (9, 3, 64), (8, 2, 128)])
 def test_triton_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int) -> None:
-    from engine.attention import reference_attention
+    from engine.attention import kernel_settings, reference_attention
     from engine.attention_triton import triton_decode_attention
 
     torch.manual_seed(heads)
@@ -28,12 +28,12 @@ def test_triton_decode_attention_matches_reference(heads: int, kv_heads: int, di
     q = torch.randn(5, heads, dim, device="cuda", dtype=torch.bfloat16)
     slot_ids = torch.tensor([5, 0, 3, 1, 2], device="cuda")
     lengths = torch.tensor([700, 1, 129, 128, 333], device="cuda")
-    out = torch.full_like(q, float("nan"))
-    out = triton_decode_attention(q, k, v, slot_ids, lengths, 128, 32)
     ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), slot_ids.cpu(), lengths.cpu())
-    assert torch.isfinite(out).all()
-    error = (out.float().cpu() - ref.float()).norm() / ref.float().norm()
-    assert error < 1e-2
+    for batch in (1, 8, 64):  # each batch size's kernel settings
+        out = triton_decode_attention(q, k, v, slot_ids, lengths, *kernel_settings(batch))
+        assert torch.isfinite(out).all()
+        error = (out.float().cpu() - ref.float()).norm() / ref.float().norm()
+        assert error < 1e-2, (batch, error)
 
 
 def gpu_tokenizer() -> Any:
@@ -132,3 +132,38 @@ def test_fused_kernels_match_pytorch(dtype: torch.dtype) -> None:
     assert torch.equal(
         vc[slots, positions], qkv[:, (heads + kv_heads) * dim :].view(5, kv_heads, dim)
     )
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_mixed_step_with_flash_prefill_matches_separate_sdpa_steps(kv_heads: int) -> None:
+    """One forward of prompt chunks (fresh, and continuing a cached prefix) with decode
+    rows gives the logits of the per-chunk SDPA prefill and a decode step alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.llama import LlamaRunner
+
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=500, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=kv_heads,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    ids = [[int(t) for t in torch.randint(5, 500, (n,))] for n in (300, 40, 90, 7)]
+    results = []
+    for flash in (True, False):
+        runner = LlamaRunner(model, slots=4, slot_tokens=512)
+        assert runner.flash  # bf16 on an sm80+ GPU
+        runner.flash = flash
+        with torch.inference_mode():
+            # Slots 0 and 1 hold a cached prefix; slot 1 is then decoding.
+            runner.forward([(0, ids[0][:200], 0), (1, ids[1], 0)])
+            logits = runner.forward(
+                [(0, ids[0][200:], 200), (2, ids[2], 0), (3, ids[3], 0)],  # continued, fresh
+                [(17, 1, 40)],  # slot 1's next token at position 40
+            )
+        results.append(logits.float())
+    flash_logits, sdpa_logits = results
+    assert flash_logits.shape == (4, 500)
+    error = (flash_logits - sdpa_logits).norm() / sdpa_logits.norm()
+    assert error < 2e-2, error
+    assert (flash_logits.argmax(-1) == sdpa_logits.argmax(-1)).float().mean() >= 0.75

@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from engine.skinny_gemm import (  # noqa: E402
+    Group,
     Kernel,
     SkinnyGemm,
     Tile,
@@ -28,32 +29,45 @@ from engine.skinny_gemm import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# (dtype, M, N, K, tile (block_m, block_n, block_k), split, bias). The interpreter's
+# (dtype, M, N, K, tile (block_m, block_n, block_k), split, bias, prologue). The interpreter's
 # tl.dot mishandles bf16 (it multiplies the raw bits), so the tensor-core tiles run in
 # fp16 here; the one-row tile (no tl.dot) runs in bf16. Shapes cover: K split into fp32
 # partials, K not a whole number of tiles, N not a whole number of tiles, M < block_m.
 CASES = [
-    ("bfloat16", 1, 100, 96, (1, 32, 32), 1, False),
-    ("bfloat16", 1, 100, 96, (1, 32, 32), 2, True),
-    ("float16", 3, 70, 128, (16, 32, 32), 1, True),
-    ("float16", 5, 64, 200, (16, 32, 64), 2, False),
-    ("float16", 16, 48, 64, (16, 16, 32), 2, True),
-    ("float16", 20, 33, 64, (32, 16, 32), 1, False),
+    ("bfloat16", 1, 100, 96, (1, 32, 32), 1, False, ""),
+    ("bfloat16", 1, 100, 96, (1, 32, 32), 2, True, ""),
+    ("float16", 3, 70, 128, (16, 32, 32), 1, True, ""),
+    ("float16", 5, 64, 200, (16, 32, 64), 2, False, ""),
+    ("float16", 16, 48, 64, (16, 16, 32), 2, True, ""),
+    ("float16", 20, 33, 64, (32, 16, 32), 1, False, ""),
+    # Prologues: RMSNorm of the rows, or silu(gate) * up of rows holding [gate | up].
+    ("bfloat16", 1, 100, 96, (1, 32, 32), 2, False, "norm"),
+    ("float16", 5, 64, 200, (16, 32, 64), 2, True, "norm"),
+    ("bfloat16", 1, 100, 96, (1, 32, 32), 1, True, "glu"),
+    ("float16", 3, 70, 200, (16, 32, 64), 2, True, "glu"),
 ]
 
 SCRIPT = """
 import json, sys
 import torch
+from engine.linear import Prologue
 from engine.skinny_gemm import Kernel, Tile, skinny_matmul
 
 torch.manual_seed(0)
-for dtype, m, n, k, (bm, bn, bk), split, with_bias in json.loads(sys.argv[1]):
+for dtype, m, n, k, (bm, bn, bk), split, with_bias, kind in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype)
-    x = torch.randn(m, k).to(dtype)
+    x = torch.randn(m, 2 * k if kind == "glu" else k).to(dtype)
     w = torch.randn(n, k).to(dtype)
     bias = torch.randn(m, n).to(dtype) if with_bias else None
-    y = skinny_matmul(x, w, bias, Kernel(Tile(bm, bn, bk, 4, 3), split))
-    ref = x.double() @ w.double().T + (bias.double() if with_bias else 0)
+    scale = (1 + 0.1 * torch.randn(k)).to(dtype)
+    prologue = {"": None, "norm": Prologue(norm=scale, eps=1e-5), "glu": Prologue(glu=True)}
+    y = skinny_matmul(x, w, bias, Kernel(Tile(bm, bn, bk, 4, 3), split), prologue[kind])
+    rows = x.double()
+    if kind == "norm":
+        rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-5) * scale.double()
+    if kind == "glu":
+        rows = torch.nn.functional.silu(rows[:, :k]) * rows[:, k:]
+    ref = rows @ w.double().T + (bias.double() if with_bias else 0)
     error = ((y.double() - ref).norm() / ref.norm()).item()
     print(json.dumps([str(y.dtype), list(y.shape), error]))
 """
@@ -82,10 +96,10 @@ def test_dispatcher_falls_back_to_torch_on_the_cpu() -> None:
     w = torch.randn(96, 64).to(torch.bfloat16)
     x = torch.randn(3, 64).to(torch.bfloat16)
     bias = torch.randn(3, 96).to(torch.bfloat16)
-    measured = calibrate([([w], False), ([w], True)], max_rows=8)
+    measured = calibrate([Group([w]), Group([w], with_bias=True)], max_rows=8)
     assert measured.plans == {}
     # Even with a plan for this very shape, CPU tensors never reach Triton.
-    planned = SkinnyGemm({(96, 64, True, 4): Kernel(Tile(16, 32, 32, 4, 3), 1)})
+    planned = SkinnyGemm({(96, 64, True, 4, ""): Kernel(Tile(16, 32, 32, 4, 3), 1)})
     for linear in (measured, planned):
         assert torch.equal(linear(x, w), x @ w.T)
         assert torch.equal(linear(x, w, bias), torch.addmm(bias, x, w.T))
@@ -113,7 +127,7 @@ def test_every_candidate_and_the_dispatcher_match_float64_on_the_gpu() -> None:
     torch.manual_seed(0)
     n, k = 1536, 1000  # K not a whole number of tiles
     weights = [torch.randn(n, k, device="cuda").to(torch.bfloat16) for _ in range(3)]
-    linear = calibrate([(weights, False), (weights, True)], max_rows=16)
+    linear = calibrate([Group(weights), Group(weights, with_bias=True)], max_rows=16)
     assert len(linear.decisions) == 2 * 5
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     w = weights[0]
@@ -128,5 +142,37 @@ def test_every_candidate_and_the_dispatcher_match_float64_on_the_gpu() -> None:
             with torch.cuda.graph(graph):
                 outputs.append(linear(x, w, b))
             graph.replay()
+            for y in outputs:
+                assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_prologues_match_float64_on_the_gpu() -> None:
+    from engine.linear import Prologue
+
+    torch.manual_seed(1)
+    n, k = 1536, 1000
+    weights = [torch.randn(n, k, device="cuda").to(torch.bfloat16) for _ in range(3)]
+    scale = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+    norm, glu = Prologue(norm=scale, eps=1e-5), Prologue(glu=True)
+    linear = calibrate([Group(weights, kind="norm"), Group(weights, True, "glu")], max_rows=16)
+    assert len(linear.decisions) == 2 * 5
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    w = weights[0]
+    for m in (1, 3, 16):
+        x = torch.randn(m, 2 * k, device="cuda").to(torch.bfloat16)
+        bias = torch.randn(m, n, device="cuda").to(torch.bfloat16)
+        for prologue, rows, b in ((norm, x[:, :k].contiguous(), None), (glu, x, bias)):
+            r = rows.double()
+            if prologue is norm:
+                r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5) * scale.double()
+            else:
+                r = torch.nn.functional.silu(r[:, :k]) * r[:, k:]
+            ref = r @ w.double().T + (0 if b is None else b.double())
+            outputs = [
+                skinny_matmul(rows, w, b, kernel, prologue) for kernel in candidates(n, k, m, sms)
+            ]
+            outputs.append(linear(rows, w, b, prologue))
             for y in outputs:
                 assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2

@@ -1,0 +1,69 @@
+"""The decode step's matrix products as one call: y = prologue(x) @ W.T (+ bias).
+
+A prologue is what happens to the rows first (RMSNorm, or silu(gate) * up): run as its
+own kernel here, or fused into the product by engine/skinny_gemm.py where that measured
+faster. Nothing here needs Triton (the CPU path is plain PyTorch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Prologue:
+    """What happens to the rows before the product: RMSNorm with this weight and eps,
+    or (glu) silu(gate) * up of rows holding [gate | up]."""
+
+    norm: torch.Tensor | None = None
+    eps: float = 1e-6
+    glu: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "norm" if self.norm is not None else "glu" if self.glu else ""
+
+
+def torch_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
+
+
+def unfused(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, prologue: Prologue
+) -> torch.Tensor:
+    """The prologue as its own kernel, then cuBLAS (what the fused kernel must beat);
+    plain PyTorch off CUDA."""
+    if prologue.norm is not None:
+        if x.is_cuda:
+            from engine.fused_triton import rmsnorm
+
+            x = rmsnorm(x, prologue.norm, prologue.eps)
+        else:
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + prologue.eps)
+            x = prologue.norm * h.to(x.dtype)
+    elif prologue.glu:
+        if x.is_cuda:
+            from engine.fused_triton import silu_mul
+
+            x = silu_mul(x)
+        else:
+            gate, up = x.chunk(2, dim=-1)
+            x = torch.nn.functional.silu(gate) * up
+    return torch_linear(x, w, bias)
+
+
+# x (M, K), w (N, K), bias (M, N) or None, prologue -> prologue(x) @ w.T (+ bias)
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, Prologue | None], torch.Tensor]
+
+
+def plain_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    prologue: Prologue | None = None,
+) -> torch.Tensor:
+    return torch_linear(x, w, bias) if prologue is None else unfused(x, w, bias, prologue)
