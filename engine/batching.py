@@ -5,9 +5,9 @@ EngineCore.step: schedule -> step -> publish). While prompts wait, a step prefil
 to `prefill_chunk` of their tokens and carries every generating sequence's next token
 in the same pass (mixed prefill and decode, as vLLM's chunked prefill does); otherwise
 it is a decode step for every generating sequence, replayed from a CUDA graph.
-Requests join between steps and leave the moment they finish. A finished sequence's slot keeps its KV, so the next turn of
-the same chat prefills only what is new (prefix reuse); idle slots are taken least
-recently used first.
+Requests join between steps and leave the moment they finish. A finished sequence's
+slot keeps its KV, so the next turn of the same chat prefills only what is new (prefix
+reuse); idle slots are taken least recently used first.
 
 Decoding is pipelined on a GPU ("async output"): step t+1 is queued with step t's
 sampled ids still on the device, and only then does the host wait for step t's ids and
@@ -70,12 +70,6 @@ class DecodeStep:
     tokens: torch.Tensor  # (B,) the sampled ids, on the device
     host: torch.Tensor  # (B,) the same ids on the host, once `copied` has happened
     copied: torch.cuda.Event | None
-
-    @classmethod
-    def read_already(cls, batch: list[Sequence], tokens: list[int]) -> DecodeStep:
-        """A step whose ids the host has already read."""
-        none = torch.empty(0)
-        return cls(batch, none, none, none, torch.tensor(tokens, dtype=torch.long), None)
 
     def read(self) -> list[int]:
         """The sampled ids (waits for the step to finish)."""
@@ -258,7 +252,7 @@ class BatchScheduler:
             [seq.generator for seq in sampled],
         ).tolist()
         first, after = tokens[: len(done)], tokens[len(done) :]
-        self._publish(DecodeStep.read_already(decoding, after))
+        self._hand_out(decoding, after)
         for (seq, _row), token in zip(done, first, strict=True):
             if self._accept(seq, token):
                 self.decoding.append(seq)
@@ -332,10 +326,14 @@ class BatchScheduler:
         return DecodeStep(batch, slots, positions, chosen, host, copied)
 
     def _publish(self, step: DecodeStep) -> None:
-        """Hand a step's tokens to their requests. Rows of sequences that finished after
-        the step was launched are dropped unseen; their KV write lands one past the
-        slot's recorded tokens, so prefix reuse never trusts it."""
-        for seq, token in zip(step.batch, step.read(), strict=True):
+        """Hand a step's tokens to their requests (waiting for the step if need be)."""
+        self._hand_out(step.batch, step.read())
+
+    def _hand_out(self, batch: list[Sequence], tokens: list[int]) -> None:
+        """One decode row's token to each sequence of `batch`. Rows of sequences that
+        finished after the step was launched are dropped unseen; their KV write lands
+        one past the slot's recorded tokens, so prefix reuse never trusts it."""
+        for seq, token in zip(batch, tokens, strict=True):
             if seq.finished:
                 continue
             self.slots[seq.slot].tokens.append(seq.next_token)  # the step's input, now cached

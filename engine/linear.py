@@ -42,6 +42,7 @@ def unfused(
 
             x = rmsnorm(x, prologue.norm, prologue.eps)
         else:
+            # Same arithmetic as transformers' LlamaRMSNorm (fp32 statistics).
             h = x.float()
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + prologue.eps)
             x = prologue.norm * h.to(x.dtype)

@@ -222,12 +222,6 @@ class LlamaRunner:
         return 2 * len(self.layers) * self.kv_heads * self.head_dim * element
 
     # building blocks -----------------------------------------------------------------
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as transformers' LlamaRMSNorm (fp32 statistics).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
-
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -238,7 +232,7 @@ class LlamaRunner:
     ) -> tuple[torch.Tensor, ...]:
         """(N, E) -> q (N, H, D), k (N, K, D), v (N, K, D), RoPE applied at `positions`."""
         n = h.shape[0]
-        qkv = self._norm(h, layer.input_norm) @ layer.qkv.T
+        qkv = plain_linear(h, layer.qkv, None, self._rms(layer.input_norm))
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q = qkv[:, :q_size].view(n, self.heads, self.head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(n, self.kv_heads, self.head_dim)
