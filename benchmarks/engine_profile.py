@@ -186,6 +186,15 @@ def pieces(engine: LocalEngine, cuda: bool) -> dict[str, Any]:
             chunks = [(i, list(range(100, 100 + n)), 0) for i, n in enumerate(sizes)]
             ms = time_fn(lambda: runner.forward(chunks), cuda, repeat=5)  # noqa: B023
             out[f"prefill_{'+'.join(map(str, sizes))}_ms"] = round(ms, 3)
+        # The same steps replayed from the scheduler's mixed-step graphs (no host).
+        mixed = scheduler.mixed_graphs
+        if mixed is not None:
+            ms = time_fn(lambda: mixed.run([(spare, list(range(100, 612)), 0)], rows), cuda, 5)
+            out["graph_mixed_512_plus_64_decode_ms"] = round(ms, 3)
+            for n in (512, 64):
+                chunk = [(spare, list(range(100, 100 + n)), 0)]
+                ms = time_fn(lambda: mixed.run(chunk), cuda, repeat=5)  # noqa: B023
+                out[f"graph_prefill_{n}_ms"] = round(ms, 3)
     # Host time of a mixed step: where the Python goes (cProfile, 5 calls).
     import cProfile
     import io

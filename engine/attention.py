@@ -8,8 +8,9 @@ decode step can be captured in a CUDA graph and its cost follows the real length
 not the longest. Elsewhere (the CPU, or no Triton) the keys are gathered up to the
 batch's longest length and masked, through SDPA.
 
-Prefill attention (and the training trainer's packed rows): torch's variable-length
-flash attention over packed sequences, one call for a whole batch of chunks.
+Mixed-step attention (prompt chunks and decode rows together): torch's variable-length
+flash attention reading the keys in place from the slot cache. The trainer's packed
+rows: the same kernel over packed sequences (`varlen_causal`).
 """
 
 from __future__ import annotations
@@ -124,15 +125,43 @@ def _varlen() -> tuple[Any, frozenset[str]] | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def flash_capable(x: torch.Tensor) -> bool:
+def flash_capable(x: torch.Tensor, over_cache: bool = False) -> bool:
     """Whether torch's varlen flash attention serves this tensor: fp16/bf16 on an Ampere
-    or newer GPU, with a torch that has torch.nn.attention.varlen (2.10+)."""
+    or newer GPU, with a torch that has torch.nn.attention.varlen (2.10+); over_cache:
+    also the aten kernel `cache_flash_attention` calls."""
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
         and _varlen() is not None
+        and (_HAS_ATEN_FLASH or not over_cache)
     )
+
+
+def cache_flash_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    used: torch.Tensor,
+    max_q: int,
+    max_k: int,
+) -> torch.Tensor:
+    """Causal attention of packed query sequences q (N, H, D) over keys read in place
+    from a slot cache (S, T, K, D), with no gather: sequence i's queries are rows
+    cu_q[i]:cu_q[i+1], its keys the first used[i] rows of the flattened cache from row
+    cu_k[i] (its slot's first row); its queries are its last positions (bottom-right
+    causal). Flash attention's seqused_k makes it read only cu_k[i], so the offsets may
+    come in any order. Rows past cu_q[-1] are left unwritten. No host sync: it can be
+    captured in a CUDA graph. Needs `flash_capable(q, over_cache=True)`."""
+    slots, tokens = k_cache.shape[:2]
+    return torch.ops.aten._flash_attention_forward(
+        q,
+        k_cache.view(slots * tokens, *k_cache.shape[2:]),
+        v_cache.view(slots * tokens, *v_cache.shape[2:]),
+        cu_q, cu_k, max_q, max_k, 0.0, True, False, seqused_k=used,
+    )[0]  # fmt: skip
 
 
 def varlen_causal(

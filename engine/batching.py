@@ -4,7 +4,8 @@ Each iteration takes new requests while slots are free, then runs one step (vLLM
 EngineCore.step: schedule -> step -> publish). While prompts wait, a step prefills up
 to `prefill_chunk` of their tokens and carries every generating sequence's next token
 in the same pass (mixed prefill and decode, as vLLM's chunked prefill does); otherwise
-it is a decode step for every generating sequence, replayed from a CUDA graph.
+it is a decode step for every generating sequence. On a GPU both kinds of step are
+replayed from CUDA graphs (engine/decode_graphs.py).
 Requests join between steps and leave the moment they finish. A finished sequence's
 slot keeps its KV, so the next turn of the same chat prefills only what is new (prefix
 reuse); idle slots are taken least recently used first.
@@ -123,12 +124,14 @@ class BatchScheduler:
         self.tokens_generated = 0
         self.prefill_tokens = 0  # prompt tokens actually computed (prefix reuse skips some)
         self.graphs = None
+        self.mixed_graphs = None
         if cuda_graphs and runner.device.type == "cuda":
-            from engine.decode_graphs import DecodeGraphs
+            from engine.decode_graphs import DecodeGraphs, MixedGraphs
 
-            self.graphs = DecodeGraphs(
-                runner.decode, len(self.slots), runner.slots - 1, runner.device
-            )
+            scratch = runner.slots - 1
+            self.graphs = DecodeGraphs(runner.decode, len(self.slots), scratch, runner.device)
+            if runner.flash:  # the mixed step's shapes can be fixed only with flash
+                self.mixed_graphs = MixedGraphs(runner, prefill_chunk + len(self.slots), scratch)
 
     @property
     def active(self) -> int:
@@ -139,11 +142,12 @@ class BatchScheduler:
     # the loop ----------------------------------------------------------------------
     def run(self, requests: queue.Queue[Request | None]) -> None:
         """Serve until a None arrives on the queue."""
-        if self.graphs is not None and not self.graphs.captured:
-            # Every bucket now, not on first use: a capture mid-serving would stall all
-            # streams for a fraction of a second.
-            with torch.inference_mode():
-                self.graphs.capture_all()
+        # Every bucket now, not on first use: a capture mid-serving would stall all
+        # streams for a fraction of a second.
+        for graphs in (self.graphs, self.mixed_graphs):
+            if graphs is not None and not graphs.captured:
+                with torch.inference_mode():
+                    graphs.capture_all()
         while True:
             if not self._admit(requests):
                 return
@@ -228,7 +232,8 @@ class BatchScheduler:
             room -= len(piece)
             self.prefill_tokens += len(piece)
         decoding = self.decoding  # nothing is in flight: the caller drained
-        logits = self.runner.forward(
+        forward = self.runner.forward if self.mixed_graphs is None else self.mixed_graphs.run
+        logits = forward(
             [(seq.slot, piece, seq.cached) for seq, piece in chunks],
             [(s.next_token, s.slot, s.position) for s in decoding],
         )

@@ -1,21 +1,32 @@
-"""The decode step captured as CUDA graphs, one per batch-size bucket.
+"""The decode step and the mixed step captured as CUDA graphs, one per size bucket.
 
-A decode step is ~15 kernels per layer; replaying a graph launches them all at once,
+A decode step is ~10 kernels per layer; replaying a graph launches them all at once,
 so a small batch runs at the speed of memory instead of the speed of Python. Batches
 are padded up to the next bucket with rows that write only to a scratch slot.
+
+A mixed step (prompt chunks plus every decoding row, engine/llama.LlamaRunner.run_plan)
+is bound by the host when run eagerly: ~14 launches per layer take longer to issue
+than a 512-row pass takes to run. Its graphs are keyed by the number of rows; the
+plan (tokens, positions, slots, the flash call's sequence layout) is padded to the
+bucket and copied into the graph's own input tensor in one copy.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.llama import LlamaRunner, Plan
 
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIXED_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -83,3 +94,65 @@ class DecodeGraphs:
             self._positions[batch:size].zero_()
         graph.replay()
         return logits[:batch]
+
+
+class MixedGraphs:
+    """Mixed steps of up to `max_rows` rows (prompt tokens plus decode rows) replayed
+    from CUDA graphs, one per bucket of rows."""
+
+    def __init__(self, runner: LlamaRunner, max_rows: int, scratch_slot: int) -> None:
+        from engine.llama import Pad
+
+        self._runner = runner
+        self.buckets = [b for b in MIXED_BUCKETS if b < max_rows] + [max_rows]
+        # Every sequence of a step holds a slot: at most `slots` sequences and outputs.
+        self._pads = {size: Pad(size, runner.slots, scratch_slot) for size in self.buckets}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Plan, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def bucket(self, rows: int) -> int | None:
+        return next((b for b in self.buckets if b >= rows), None)
+
+    @property
+    def captured(self) -> bool:
+        return len(self._graphs) == len(self.buckets)
+
+    def capture_all(self) -> None:
+        for size in self.buckets:
+            if size not in self._graphs:
+                self._graphs[size] = self._capture(size)
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, Plan, torch.Tensor]:
+        runner = self._runner
+        plan = runner.plan([], [], self._pads[size])  # all padding: scratch-slot rows
+        stream = torch.cuda.Stream()
+        with CAPTURE_LOCK:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                runner.run_plan(plan)  # warm up: cuBLAS picks its kernels
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                logits = runner.run_plan(plan)
+        log.debug("captured the mixed-step graph for %d rows", size)
+        return graph, plan, logits
+
+    def run(
+        self,
+        chunks: list[tuple[int, list[int], int]],
+        decode: Sequence[tuple[int, int, int]] = (),
+    ) -> torch.Tensor:
+        """LlamaRunner.forward's result, replayed (or computed eagerly when the rows
+        outgrow the largest bucket); a view into the graph's output, valid until the
+        next call."""
+        rows = sum(len(ids) for _, ids, _ in chunks) + len(decode)
+        size = self.bucket(rows)
+        if size is None:
+            return self._runner.forward(chunks, decode)
+        if size not in self._graphs:
+            self._graphs[size] = self._capture(size)
+        graph, static, logits = self._graphs[size]
+        plan = self._runner.plan(chunks, decode, self._pads[size])
+        static.ids.copy_(plan.ids)
+        graph.replay()
+        return logits[: len(chunks) + len(decode)]

@@ -6,9 +6,12 @@ a handful of large matrix products per layer. The KV cache is allocated once:
 `slots` sequences of up to `slot_tokens` tokens. A slot keeps its tokens after its
 request ends, so the next turn of the same chat reuses them (prefix reuse).
 
-Prefill runs one sequence chunk at a time (SDPA, causal over the slot's cache); decode
-runs one token for each of B sequences at once, reading each sequence's cache up to its
-own length (a Triton kernel on CUDA, gathered SDPA elsewhere). Decode's matrix
+A mixed step (`forward`, `run_plan`) runs prompt chunks and decode rows in one pass: on
+a GPU with flash attention, every row's attention is one varlen flash call that reads
+the keys in place from the slots (and the pass can be replayed as a CUDA graph, padded
+to a bucket of rows); elsewhere SDPA per chunk, causal over the slot's cache. A decode
+step (`decode`) runs one token for each of B sequences, reading each sequence's cache
+up to its own length (a Triton kernel on CUDA, gathered SDPA elsewhere). Decode's matrix
 products go through engine/skinny_gemm.py on CUDA: a Triton kernel for each weight and
 batch size where it measured faster than cuBLAS when the runner was built.
 """
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from engine.attention import decode_attention, flash_capable, varlen_causal
+from engine.attention import cache_flash_attention, decode_attention, flash_capable
 from engine.linear import Linear, Prologue, plain_linear
 from engine.sampling_batch import upload
 
@@ -59,20 +62,35 @@ class Layer:
 
 @dataclass
 class FlashPlan:
-    """Packed-key layout of a step's prompt chunks for varlen flash attention."""
+    """Every row's sequence for one varlen flash call that reads the keys in place from
+    the slot cache: the prompt chunks, then each decode row as a sequence of one query.
+    Sequence i's queries are rows cu_q[i]:cu_q[i+1]; its keys are the first used[i]
+    positions of its slot, which starts at row cu_k[i] = slot * slot_tokens of the
+    flattened cache (given used, flash attention reads only cu_k[i], so the offsets
+    need not grow). Padded sequences are empty."""
 
-    kv_slots: torch.Tensor  # (K,) the slot of each packed key
-    kv_positions: torch.Tensor  # (K,) its position in the slot
     cu_q: torch.Tensor  # (C + 1,) int32
-    cu_k: torch.Tensor  # (C + 1,) int32
+    cu_k: torch.Tensor  # (C + 1,) int32; the last is never read
+    used: torch.Tensor  # (C,) int32
     max_q: int
-    max_k: int
+
+
+@dataclass(frozen=True)
+class Pad:
+    """Fixed sizes for a plan (a CUDA graph replays one shape): `rows` rows (extra rows
+    write their KV to the scratch slot and are never read; the longest chunk counts as
+    `rows` long), and `seqs` sequences and returned rows."""
+
+    rows: int
+    seqs: int
+    scratch_slot: int
 
 
 @dataclass
 class Plan:
     """The rows of one forward: prompt chunks first, then decode rows."""
 
+    ids: torch.Tensor  # every index below, packed in one int32 device tensor
     tokens: torch.Tensor  # (N,)
     positions: torch.Tensor  # (N,)
     slots: torch.Tensor  # (N,)
@@ -89,16 +107,17 @@ class Plan:
         chunks: list[tuple[int, list[int], int]],
         decode: Sequence[tuple[int, int, int]],
         device: torch.device,
+        *,
         flash: bool,
+        slot_tokens: int,
+        pad: Pad | None = None,
     ) -> Plan:
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         outputs: list[int] = []
         layout, firsts = [], []
-        kv_slots: list[int] = []
-        kv_positions: list[int] = []
-        cu_q, cu_k = [0], [0]
+        cu_q, cu_k, used = [0], [], []
         for slot, ids, start in chunks:
             firsts.append(len(tokens))
             layout.append((slot, len(ids), start))
@@ -107,33 +126,40 @@ class Plan:
             positions += range(start, stop)
             slots += [slot] * len(ids)
             outputs.append(len(tokens) - 1)
-            if flash:
-                kv_slots += [slot] * stop
-                kv_positions += range(stop)
-                cu_q.append(cu_q[-1] + len(ids))
-                cu_k.append(cu_k[-1] + stop)
+            cu_q.append(len(tokens))
+            cu_k.append(slot * slot_tokens)
+            used.append(stop)
         prefill_rows = len(tokens)
         for token, slot, position in decode:
             outputs.append(len(tokens))
             tokens.append(token)
             positions.append(position)
             slots.append(slot)
+            cu_q.append(len(tokens))
+            cu_k.append(slot * slot_tokens)
+            used.append(position + 1)
+        max_q = max((length for _, length, _ in layout), default=1)
+        if pad is not None:
+            assert len(tokens) <= pad.rows and len(outputs) <= pad.seqs, (len(tokens), pad)
+            extra = pad.rows - len(tokens)
+            tokens, positions = tokens + [0] * extra, positions + [0] * extra
+            slots += [pad.scratch_slot] * extra
+            outputs += [0] * (pad.seqs - len(outputs))
+            cu_q += [cu_q[-1]] * (pad.seqs + 1 - len(cu_q))
+            used += [0] * (pad.seqs - len(used))
+            max_q = pad.rows
+        cu_k += [0] * (len(cu_q) - len(cu_k))
         # One host-to-device copy for all the step's indices.
-        n, m, k = len(tokens), len(outputs), len(kv_slots)
-        packed = upload(tokens + positions + slots + outputs + kv_slots + kv_positions, device)
-        views = packed.split([n, n, n, m, k, k])
-        plan_flash = None
-        if flash and chunks:
-            cu = upload(cu_q + cu_k, device).to(torch.int32)
-            plan_flash = FlashPlan(
-                kv_slots=views[4],
-                kv_positions=views[5],
-                cu_q=cu[: len(cu_q)],
-                cu_k=cu[len(cu_q) :],
-                max_q=max(length for _, length, _ in layout),
-                max_k=max(start + length for _, length, start in layout),
-            )
+        sizes = [len(tokens)] * 3 + [len(outputs)]
+        if flash:
+            sizes += [len(cu_q), len(cu_k), len(used)]
+            values = tokens + positions + slots + outputs + cu_q + cu_k + used
+        else:
+            values = tokens + positions + slots + outputs
+        ids = upload(values, device, torch.int32)
+        views = ids.split(sizes)
         return cls(
+            ids=ids,
             tokens=views[0],
             positions=views[1],
             slots=views[2],
@@ -142,7 +168,7 @@ class Plan:
             chunk_rows=firsts,
             prefill_rows=prefill_rows,
             decode_rows=len(decode),
-            flash=plan_flash,
+            flash=FlashPlan(views[4], views[5], views[6], max_q) if flash else None,
         )
 
 
@@ -172,8 +198,8 @@ class LlamaRunner:
             # torch sends SDPA to cuDNN by default, which builds a plan for every new
             # shape (40 ms - 2 s); prefill meets a new length every chunk.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        # Prompt chunks through varlen flash attention where torch has it for this GPU.
-        self.flash = flash_capable(self.embed)
+        # Mixed steps through varlen flash attention where torch has it for this GPU.
+        self.flash = flash_capable(self.embed, over_cache=True)
         # Fused Triton kernels on CUDA; plain PyTorch ops elsewhere.
         self.fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         # Decode's few-row products: a Triton kernel where it measured faster than cuBLAS
@@ -260,42 +286,54 @@ class LlamaRunner:
         """One pass over prompt chunks (slot, token ids, start position) and decode rows
         (token id, slot, position): the matrix products run over all their rows at once
         (a decode row costs one more row of a large product instead of a step of its
-        own), attention per kind of row. Each row's KV is written to its slot. Returns
-        (C + B, V) logits: after each chunk's last token, then one per decode row."""
-        plan = Plan.build(chunks, decode, self.device, self.flash)
+        own). Each row's KV is written to its slot. Returns (C + B, V) logits: after
+        each chunk's last token, then one per decode row."""
+        return self.run_plan(self.plan(chunks, decode))
+
+    def plan(
+        self,
+        chunks: list[tuple[int, list[int], int]],
+        decode: Sequence[tuple[int, int, int]] = (),
+        pad: Pad | None = None,
+    ) -> Plan:
+        return Plan.build(
+            chunks, decode, self.device, flash=self.flash, slot_tokens=self.slot_tokens, pad=pad
+        )
+
+    def run_plan(self, plan: Plan) -> torch.Tensor:
+        """The forward of a built plan; with a padded plan, the shapes depend only on the
+        padding (CUDA-graph friendly: engine/decode_graphs.MixedGraphs)."""
         h = self.embed[plan.tokens]
-        prefill_rows = plan.prefill_rows
+        rows = plan.prefill_rows
         for index, layer in enumerate(self.layers):
             q = self._project_and_cache(index, layer, h, plan.positions, plan.slots)
-            parts = []
-            if prefill_rows:
-                parts.append(self._prefill_attention(index, q[:prefill_rows], plan))
-            if plan.decode_rows:
-                parts.append(
-                    decode_attention(
-                        q[prefill_rows:],
-                        self.k_cache[index],
-                        self.v_cache[index],
-                        plan.slots[prefill_rows:],
-                        plan.positions[prefill_rows:] + 1,
-                    )  # fmt: skip
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            if plan.flash is not None:
+                # Every row in one varlen flash call, keys read in place from the slots.
+                f = plan.flash
+                out = cache_flash_attention(
+                    q, k_cache, v_cache, f.cu_q, f.cu_k, f.used, f.max_q, self.slot_tokens
                 )
-            out = parts[0] if len(parts) == 1 else torch.cat(parts)
+            else:
+                parts = []
+                if rows:
+                    parts.append(self._prefill_attention(index, q[:rows], plan))
+                if plan.decode_rows:
+                    parts.append(
+                        decode_attention(
+                            q[rows:], k_cache, v_cache, plan.slots[rows:], plan.positions[rows:] + 1
+                        )
+                    )
+                out = parts[0] if len(parts) == 1 else torch.cat(parts)
             h = torch.addmm(h, out.reshape(h.shape[0], -1), layer.o.T)
             h = self._mlp(layer, h)
         return self._logits(h[plan.outputs])
 
     def _prefill_attention(self, index: int, q: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Causal attention of the chunks' queries (P, H, D) over their slots' caches
-        (each chunk's queries sit at the bottom right of its (T, start+T) scores)."""
+        (each chunk's queries sit at the bottom right of its (T, start+T) scores), one
+        SDPA call per chunk: where flash attention is not available."""
         k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-        if plan.flash is not None:
-            # One varlen flash call for every chunk, over each slot's keys gathered
-            # into one packed tensor (a chunk's own keys, plus its cached prefix).
-            f = plan.flash
-            keys = k_cache[f.kv_slots, f.kv_positions]
-            values = v_cache[f.kv_slots, f.kv_positions]
-            return varlen_causal(q, keys, values, f.cu_q, f.cu_k, f.max_q, f.max_k)
         outputs = []
         for (slot, length, start), first in zip(plan.chunks, plan.chunk_rows, strict=True):
             stop = start + length

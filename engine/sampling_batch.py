@@ -50,11 +50,13 @@ def sample_batch(
     return torch.where(greedy, greedy_ids, sampled)
 
 
-def upload(values: list[Any], device: torch.device) -> torch.Tensor:
+def upload(
+    values: list[Any], device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """A small host list as a tensor on `device`, without waiting for the device:
     `torch.tensor(values, device=cuda)` is a blocking copy, which waits for every step
     already queued. Staged through pinned memory, so the copy is truly asynchronous."""
-    tensor = torch.tensor(values)
+    tensor = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
