@@ -5,8 +5,10 @@ with the dispatcher on and off.
 
     python benchmarks/gemv_bench.py [--out DIR] [--skip-decode]
 
-Each kernel is timed as a CUDA graph cycling through copies of the weight that
-together outgrow L2 (engine.skinny_gemm.search, what engine start runs). A failing
+Each product runs with the prologue llama.py gives it (RMSNorm of the rows before qkv,
+gate_up and lm_head; silu(gate) * up before down): torch runs it as its own kernel, the
+Triton kernel fused. Each is timed as a CUDA graph cycling through copies of the weight
+that together outgrow L2 (engine.skinny_gemm.search, what engine start runs). A failing
 variant is printed and skipped; the run goes on.
 """
 
@@ -27,15 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.skinny_gemm import search, skinny_matmul, torch_linear  # noqa: E402
+from engine.linear import Prologue, unfused  # noqa: E402
+from engine.skinny_gemm import column_tiles, search, skinny_matmul  # noqa: E402
 
-# (name, N, K, with the residual added as in llama.py's addmm)
+# (name, N, K, with the residual added as in llama.py's addmm, prologue kind)
 SHAPES = [
-    ("qkv", 12288, 4096, False),
-    ("o", 4096, 4096, True),
-    ("gate_up", 22016, 4096, False),
-    ("down", 4096, 11008, True),
-    ("lm_head", 32000, 4096, False),
+    ("qkv", 12288, 4096, False, "norm"),
+    ("o", 4096, 4096, True, ""),
+    ("gate_up", 22016, 4096, False, "norm"),
+    ("down", 4096, 11008, True, "glu"),
+    ("lm_head", 32000, 4096, False, "norm"),
 ]
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 DECODE_BATCHES = (1, 8, 32, 64)
@@ -57,35 +60,58 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e12
 
 
-def relative_error(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Any) -> float:
-    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+def relative_error(
+    y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Any, prologue: Prologue
+) -> float:
+    """Against float64 math on the GPU: RMSNorm as LlamaRMSNorm, or silu(gate) * up."""
+    rows = x.double()
+    if prologue.norm is not None:
+        rms = torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + prologue.eps)
+        rows = rows * rms * prologue.norm.double()
+    elif prologue.glu:
+        gate, up = rows.chunk(2, dim=-1)
+        rows = torch.nn.functional.silu(gate) * up
+    ref = rows @ w.double().T + (0 if b is None else b.double())
     return float(((y.double() - ref).norm() / ref.norm()).item())
 
 
-def bench_shape(name: str, n: int, k: int, with_bias: bool, copy_tbps: float) -> list[dict]:
+def bench_shape(
+    name: str, n: int, k: int, with_bias: bool, kind: str, copy_tbps: float
+) -> list[dict]:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     copies = max(2, -(-4 * l2 // (n * k * 2)))
     weights = [torch.randn(n, k, device="cuda").to(torch.bfloat16) for _ in range(copies)]
     stream = torch.cuda.Stream()
+    prologue = Prologue()
+    if kind == "norm":
+        scale = 1 + 0.1 * torch.randn(k, device="cuda")
+        prologue = Prologue(norm=scale.to(torch.bfloat16), eps=1e-5)
+    elif kind == "glu":
+        prologue = Prologue(glu=True)
     rows = []
     for m in ROWS:
         try:
-            trials = search(weights, m, with_bias, stream)
+            trials = search(weights, m, with_bias, kind, stream)
             torch_us, best = trials[0].us, min(trials[1:], key=lambda t: t.us, default=None)
-            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            x = torch.randn(m, 2 * k if kind == "glu" else k, device="cuda").to(torch.bfloat16)
             b = torch.randn(m, n, device="cuda").to(torch.bfloat16) if with_bias else None
-            moved = 2 * (n * k + m * k + m * n + (m * n if with_bias else 0))
+            # Bytes of the product itself (for glu, x holds [gate | up]: twice the row).
+            moved = 2 * (n * k + m * x.shape[1] + m * n + (m * n if with_bias else 0))
+            w = weights[0]
             row = {
-                "shape": name, "N": n, "K": k, "M": m, "bias": with_bias,
+                "shape": name, "N": n, "K": k, "M": m, "bias": with_bias, "kind": kind,
                 "torch_us": torch_us, "torch_tbps": moved / torch_us / 1e6,
-                "torch_error": relative_error(torch_linear(x, weights[0], b), x, weights[0], b),
+                "torch_error": relative_error(unfused(x, w, b, prologue), x, w, b, prologue),
                 "trials": [{"kernel": str(t.kernel), "us": t.us} for t in trials[1:]],
             }  # fmt: skip
             if best is not None and best.kernel is not None:
-                y = skinny_matmul(x, weights[0], b, best.kernel)
+                counters = torch.zeros(
+                    column_tiles(n, best.kernel), dtype=torch.int32, device="cuda"
+                )
+                y = skinny_matmul(x, w, b, best.kernel, counters, prologue)
                 row |= {
                     "triton_us": best.us, "triton_tbps": moved / best.us / 1e6,
-                    "triton_error": relative_error(y, x, weights[0], b),
+                    "triton_error": relative_error(y, x, w, b, prologue),
                     "kernel": str(best.kernel), "speedup": torch_us / best.us,
                 }  # fmt: skip
             rows.append(row)
@@ -97,8 +123,9 @@ def bench_shape(name: str, n: int, k: int, with_bias: bool, copy_tbps: float) ->
 
 
 def print_row(row: dict, copy_tbps: float) -> None:
+    label = f"{row['shape']} {row['kind']}".strip()
     head = (
-        f"{row['shape']:>8} {row['M']:3} {row['torch_us']:9.1f} {row['torch_tbps']:6.2f}"
+        f"{label:>13} {row['M']:3} {row['torch_us']:9.1f} {row['torch_tbps']:6.2f}"
         f" {100 * row['torch_tbps'] / copy_tbps:5.1f}% {row['torch_error']:8.1e}"
     )
     if "triton_us" not in row:
@@ -114,14 +141,14 @@ def print_row(row: dict, copy_tbps: float) -> None:
 
 def bench_shapes(copy_tbps: float) -> list[dict]:
     print(
-        f"\n{'shape':>8} {'M':>3} {'torch us':>9} {'TB/s':>6} {'%copy':>6} {'rel err':>8}"
+        f"\n{'shape':>13} {'M':>3} {'torch us':>9} {'TB/s':>6} {'%copy':>6} {'rel err':>8}"
         f" {'triton us':>9} {'TB/s':>6} {'%copy':>6} {'rel err':>8} {'speedup':>7}  best kernel"
     )
     rows = []
     started = time.perf_counter()
-    for name, n, k, with_bias in SHAPES:
+    for name, n, k, with_bias, kind in SHAPES:
         try:
-            rows += bench_shape(name, n, k, with_bias, copy_tbps)
+            rows += bench_shape(name, n, k, with_bias, kind, copy_tbps)
         except Exception:  # noqa: BLE001
             print(f"{name}: FAILED\n{traceback.format_exc()}", flush=True)
         torch.cuda.empty_cache()

@@ -2,10 +2,11 @@
 
 At small batch a decode step streams every weight once and does little math per byte,
 so its speed is memory bandwidth. The Triton kernel splits the output columns over
-programs (and, when N is too narrow to fill the SMs, the K axis too: fp32 partials,
-summed by a second kernel that adds the bias). Each program walks K in wide, unmasked,
-vectorised tiles; rows past M and columns past N re-read the last valid row instead of
-masking the loads.
+programs (and, when N is too narrow to fill the SMs, the K axis too: each split stores
+an fp32 partial and takes a ticket from its column tile's counter; the last one sums
+the partials in split order and adds the bias, so no second kernel runs). Each program
+walks K in wide, unmasked, vectorised tiles; rows past M and columns past N re-read the
+last valid row instead of masking the loads.
 
 Whether it beats cuBLAS depends on the GPU, the shape and the row count, so
 `calibrate` times both at engine start for every weight shape and row bucket (inside
@@ -56,7 +57,11 @@ class Kernel:
 
 
 DOT_TILES = ((64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3))  # (N, K, warps, stages)
-ROW_TILES = ((64, 128, 4, 3), (32, 256, 4, 3))
+# One-row tiles: each holds BLOCK_N x BLOCK_K fp32 lanes (64 registers a thread).
+ROW_TILES = (
+    (64, 128, 4, 3), (32, 256, 4, 3), (16, 512, 4, 3), (16, 256, 2, 4),
+    (32, 512, 8, 3), (64, 256, 8, 3), (128, 128, 8, 3),
+)  # fmt: skip
 
 
 @triton.jit
@@ -75,14 +80,16 @@ def _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _prologue(x, x_ptrs, k, K, rk, NormW, rstd, NORM: tl.constexpr, GLU: tl.constexpr):
-    """The row tile as the product sees it: RMS-normalised (NORM), or silu(gate) * up
-    with `up` K columns to the right (GLU); the rounding of transformers' RMSNorm and
-    of F.silu(gate) * up (engine/fused_triton.py), step by step."""
+def _prologue(x, x_ptrs, k, K, rk, NormW, NORM: tl.constexpr, GLU: tl.constexpr):
+    """The row tile as the product sees it. NORM: x * norm weight, rounded once to x's
+    dtype; the row's 1/rms is a per-row factor of the result, applied after the product
+    (`_epilogue`), so no pass over the row has to come first. This differs from
+    transformers' RMSNorm (which rounds x * 1/rms to the dtype before the weight) by
+    about one rounding step. GLU: silu(gate) * up with `up` K columns to the right, the
+    rounding of F.silu(gate) * up (engine/fused_triton.py), step by step."""
     if NORM:
         nw = tl.load(NormW + k + rk, mask=(k + rk) < K, other=0.0)
-        normed = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
-        x = (normed.to(tl.float32) * nw.to(tl.float32)[None, :]).to(x.dtype)
+        x = (x.to(tl.float32) * nw.to(tl.float32)[None, :]).to(x.dtype)
     if GLU:
         up = tl.load(x_ptrs + K, mask=(k + rk)[None, :] < K, other=0.0)
         g = x.to(tl.float32)
@@ -91,17 +98,34 @@ def _prologue(x, x_ptrs, k, K, rk, NormW, rstd, NORM: tl.constexpr, GLU: tl.cons
     return x
 
 
+@triton.jit
+def _epilogue(
+    acc, squares, Bias, Y, rm, rn, ok, stride_bm, stride_ym, has_bias, K, eps,
+    NORM: tl.constexpr,
+):  # fmt: skip
+    """acc (BLOCK_N, BLOCK_M), summed over all of K: times each row's 1/rms (NORM, from
+    its fp32 sum of squares, as LlamaRMSNorm), plus bias, stored in Y's dtype."""
+    if NORM:
+        acc = acc * (1.0 / tl.sqrt(squares / K + eps))[None, :]
+    if has_bias:
+        bias = tl.load(Bias + rm[None, :] * stride_bm + rn[:, None], mask=ok, other=0.0)
+        acc += bias.to(tl.float32)
+    tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty), mask=ok)
+
+
 @triton.jit(do_not_specialize=["M", "k_per_split", "has_bias"])
 def _skinny_kernel(
-    X, W, Bias, Y, Part, NormW, M, N, K,
+    X, W, Bias, Y, Part, Squares, Counters, NormW, M, N, K,
     stride_xm, stride_wn, stride_bm, stride_ym, k_per_split, has_bias, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NORM: tl.constexpr, GLU: tl.constexpr,
 ):  # fmt: skip
     """Program (n, s): columns n*BLOCK_N.. over K range s*k_per_split.. for all M rows;
-    the result (plus bias) in Y, or an fp32 partial in Part when K is split. NORM: the
-    rows are RMS-normalised on the way in (each program first reads its rows whole for
-    their statistics); GLU: X holds [gate | up] and the rows are silu(gate) * up."""
+    the result (plus bias) in Y. When K is split, each program stores an fp32 partial
+    in Part (and, NORM, its rows' partial sums of squares in Squares), and the last of
+    the column tile's programs to finish, counted in Counters[n], sums them all and
+    writes Y. NORM: the rows are RMS-normalised (their sums of squares gathered from the
+    same tiles the product reads); GLU: X holds [gate | up], the rows are silu(gate) * up."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -114,55 +138,71 @@ def _skinny_kernel(
     x_rows = tl.minimum(rm, M - 1)
     w_ptrs = W + w_rows[:, None] * stride_wn + (k_start + rk)[None, :]  # (BLOCK_N, BLOCK_K)
     x_ptrs = X + x_rows[:, None] * stride_xm + (k_start + rk)[None, :]  # (BLOCK_M, BLOCK_K)
-    rstd = tl.zeros((BLOCK_M,), tl.float32)
-    if NORM:  # fp32 mean of squares over the whole row, as LlamaRMSNorm
-        squares = tl.zeros((BLOCK_M,), tl.float32)
-        row_ptrs = X + x_rows[:, None] * stride_xm + rk[None, :]
-        for k in range(0, K, BLOCK_K):
-            part = tl.load(row_ptrs + k, mask=(k + rk)[None, :] < K, other=0.0).to(tl.float32)
-            squares += tl.sum(part * part, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / K + eps)
+    squares = tl.zeros((BLOCK_M,), tl.float32)  # NORM: sum of x² over this K range, fp32
     if BLOCK_M == 1:
-        # One row: products summed per lane, reduced across K once at the end.
+        # One row: products (and squares) summed per lane, reduced across K once at the end.
         lanes = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        square_lanes = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             w, x = _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K)
-            x = _prologue(x, x_ptrs, k, K, rk, NormW, rstd, NORM, GLU)
+            if NORM:
+                square_lanes += x.to(tl.float32) * x.to(tl.float32)
+            x = _prologue(x, x_ptrs, k, K, rk, NormW, NORM, GLU)
             lanes += w.to(tl.float32) * x.to(tl.float32)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         acc = tl.sum(lanes, axis=1)[:, None]  # (BLOCK_N, 1)
+        if NORM:
+            squares = tl.sum(square_lanes, axis=1)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             w, x = _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K)
-            x = _prologue(x, x_ptrs, k, K, rk, NormW, rstd, NORM, GLU)
+            if NORM:  # a row sum per tile: lanes of BLOCK_M rows would cost registers
+                squares += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+            x = _prologue(x, x_ptrs, k, K, rk, NormW, NORM, GLU)
             acc = tl.dot(w, tl.trans(x), acc)  # W is the wide operand: y.T = W x.T
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
     ok = (rn < N)[:, None] & (rm < M)[None, :]
-    if tl.num_programs(1) == 1:
-        if has_bias:
-            bias = tl.load(Bias + rm[None, :] * stride_bm + rn[:, None], mask=ok, other=0.0)
-            acc += bias.to(tl.float32)
-        tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty), mask=ok)
+    splits = tl.num_programs(1)
+    if splits == 1:
+        _epilogue(acc, squares, Bias, Y, rm, rn, ok, stride_bm, stride_ym, has_bias, K, eps, NORM)
     else:
         tl.store(Part + (pid_k * M + rm[None, :]) * N + rn[:, None], acc, mask=ok)
+        if NORM:
+            tl.store(Squares + (pid_n * splits + pid_k) * M + rm, squares, mask=rm < M)
+        # The ticket is taken by one thread: the barrier puts every thread's stores
+        # before it, and its release (acq_rel, gpu scope) publishes them to the program
+        # that draws the last ticket, whose acquire comes before its reads.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == splits - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            row_squares = tl.zeros((BLOCK_M,), tl.float32)
+            for s in range(0, splits):  # split order, whoever finished last: deterministic
+                # .cg: from L2, where the other SMs' stores are, never a stale L1 line.
+                total += tl.load(
+                    Part + (s * M + rm[None, :]) * N + rn[:, None],
+                    mask=ok, other=0.0, cache_modifier=".cg",
+                )  # fmt: skip
+                if NORM:
+                    row_squares += tl.load(
+                        Squares + (pid_n * splits + s) * M + rm,
+                        mask=rm < M, other=0.0, cache_modifier=".cg",
+                    )  # fmt: skip
+            _epilogue(
+                total, row_squares, Bias, Y, rm, rn, ok, stride_bm, stride_ym, has_bias, K, eps,
+                NORM,
+            )  # fmt: skip
+            # Back to zero for the next call (or the next replay of a captured graph):
+            # the counters are never cleared by a separate kernel.
+            tl.store(Counters + pid_n, 0)
 
 
-@triton.jit(do_not_specialize=["M", "splits", "has_bias"])
-def _sum_splits_kernel(
-    Part, Bias, Y, M, N, stride_bm, stride_ym, splits, has_bias, BLOCK: tl.constexpr
-):
-    row = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < N
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(splits):
-        acc += tl.load(Part + (s * M + row) * N + cols, mask=ok, other=0.0)
-    if has_bias:
-        acc += tl.load(Bias + row * stride_bm + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_ym + cols, acc.to(Y.dtype.element_ty), mask=ok)
+def column_tiles(n: int, kernel: Kernel) -> int:
+    """How many column tiles (programs along N, each with its own counter) kernel has."""
+    return triton.cdiv(n, kernel.tile.block_n)
 
 
 def skinny_matmul(
@@ -170,13 +210,20 @@ def skinny_matmul(
     w: torch.Tensor,
     bias: torch.Tensor | None,
     kernel: Kernel,
+    counters: torch.Tensor,
     prologue: Prologue | None = None,
 ) -> torch.Tensor:
     """x (M, K) @ w (N, K).T (+ bias (M, N)) -> (M, N) in x's dtype, fp32 accumulation.
     1 <= M <= tile.block_m; x and bias unit-stride along their last axis; w contiguous.
     With a prologue, x is first RMS-normalised, or (glu) x (M, 2K) becomes
-    silu(x[:, :K]) * x[:, K:]."""
+    silu(x[:, :K]) * x[:, K:].
+
+    counters: int32 zeros on x's device, at least `column_tiles(N, kernel)` of them,
+    used when K is split and left at zero again by the kernel. Kernels on one stream run
+    one after another, so successive calls (and every graph captured with them) can
+    share one buffer; calls that may overlap (other streams) need their own."""
     prologue = prologue or Prologue()
+    assert prologue.norm is None or not prologue.glu, "one prologue at a time"
     m, k = x.shape
     if prologue.glu:
         k //= 2
@@ -186,23 +233,28 @@ def skinny_matmul(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, tile.block_k), kernel.split) * tile.block_k
     splits = triton.cdiv(k, k_per_split)
+    tiles = column_tiles(n, kernel)
+    if splits > 1 and (
+        counters.dtype != torch.int32 or counters.numel() < tiles or counters.device != x.device
+    ):
+        raise ValueError(
+            f"counters must be {tiles} or more int32 zeros on {x.device}, got "
+            f"{counters.numel()} {counters.dtype} on {counters.device}"
+        )
+    norm = prologue.norm is not None
     part = torch.empty((splits, m, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    squares = part
+    if norm and splits > 1:
+        squares = torch.empty((tiles, splits, m), dtype=torch.float32, device=x.device)
     b = y if bias is None else bias
-    norm = prologue.norm if prologue.norm is not None else w
-    _skinny_kernel[(triton.cdiv(n, tile.block_n), splits)](
-        x, w, b, y, part, norm, m, n, k,
+    _skinny_kernel[(tiles, splits)](
+        x, w, b, y, part, squares, counters, prologue.norm if norm else w, m, n, k,
         x.stride(0), w.stride(0), b.stride(0), y.stride(0), k_per_split, int(bias is not None),
         prologue.eps,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        EVEN_K=k % tile.block_k == 0, NORM=prologue.norm is not None, GLU=prologue.glu,
+        EVEN_K=k % tile.block_k == 0, NORM=norm, GLU=prologue.glu,
         num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
-    if splits > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(n, block), m)](
-            part, b, y, m, n, b.stride(0), y.stride(0), splits, int(bias is not None),
-            BLOCK=block,
-        )  # fmt: skip
     return y
 
 
@@ -216,17 +268,27 @@ Key = tuple[int, int, bool, int, str]  # (N, K, with bias, row bucket, prologue 
 class SkinnyGemm:
     """x @ w.T (+ bias), after an optional prologue, through the kernel measured fastest
     for this shape, row bucket and prologue; torch (the prologue as its own kernel) for
-    everything else. Safe inside CUDA-graph capture (no host sync)."""
+    everything else. Safe inside CUDA-graph capture (no host sync).
+
+    The plans run on `device`, where the split-K kernels' counters live: allocated once
+    here, zero between calls, shared by every call (and every captured graph), which is
+    safe as long as the calls run on one stream, one after another, as decode steps do.
+    """
 
     def __init__(
         self,
         plans: dict[Key, Kernel],
         decisions: Sequence[Decision] = (),
         seconds: float = 0.0,
+        device: torch.device | None = None,
     ) -> None:
         self.plans = plans
         self.decisions = list(decisions)  # what was measured, for logs and benchmarks
         self.seconds = seconds  # what calibration cost
+        self.counters: torch.Tensor | None = None
+        if plans and device is not None and device.type == "cuda":
+            tiles = max(column_tiles(key[0], kernel) for key, kernel in plans.items())
+            self.counters = torch.zeros(tiles, dtype=torch.int32, device=device)
 
     def __call__(
         self,
@@ -236,14 +298,16 @@ class SkinnyGemm:
         prologue: Prologue | None = None,
     ) -> torch.Tensor:
         kernel = self._kernel(x, w, bias, prologue or Prologue())
-        if kernel is None:
+        if kernel is None or self.counters is None:
             return unfused(x, w, bias, prologue) if prologue else torch_linear(x, w, bias)
-        return skinny_matmul(x, w, bias, kernel, prologue)
+        return skinny_matmul(x, w, bias, kernel, self.counters, prologue)
 
     def _kernel(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, prologue: Prologue
     ) -> Kernel | None:
-        if not self.plans or not x.is_cuda or x.dim() != 2 or x.stride(1) != 1:
+        if not self.plans or self.counters is None or x.device != self.counters.device:
+            return None
+        if x.dim() != 2 or x.stride(1) != 1:
             return None
         m, n, k = x.shape[0], w.shape[0], w.shape[1]
         bucket = row_bucket(m)
@@ -275,9 +339,9 @@ def candidates(n: int, k: int, bucket: int, sms: int) -> list[Kernel]:
             continue
         blocks, k_tiles = triton.cdiv(n, tile.block_n), triton.cdiv(k, tile.block_k)
         splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or k_tiles >= 4 * s]
-        fitting = [s for s in splits if sms / 2 <= blocks * s <= 8 * sms]
-        if not fitting:
-            fitting = [splits[-1] if blocks * splits[-1] < sms / 2 else 1]
+        if blocks > 8 * sms:
+            continue  # too narrow a tile for this many columns
+        fitting = [s for s in splits if sms / 2 <= blocks * s <= 8 * sms] or [splits[-1]]
         kernels += [Kernel(tile, s) for s in fitting]
     return kernels
 
@@ -363,12 +427,16 @@ def search(
     sms = torch.cuda.get_device_properties(w0.device).multi_processor_count
     for kernel in candidates(n, k, row_bucket(rows) or rows, sms):
         try:
-            out = skinny_matmul(x, w0, b, kernel, prologue).float()
+            # Its own counters: a candidate that fails half-way cannot spoil the next.
+            counters = torch.zeros(column_tiles(n, kernel), dtype=torch.int32, device=w0.device)
+            out = skinny_matmul(x, w0, b, kernel, counters, prologue).float()
             error = ((out - expected).norm() / expected.norm()).item()
             if not error < 1e-2:
                 log.warning("skinny gemm %s on (%d, %d): error %.2g, left out", kernel, n, k, error)
                 continue
-            fused = partial(skinny_matmul, x, bias=b, kernel=kernel, prologue=prologue)
+            fused = partial(
+                skinny_matmul, x, bias=b, kernel=kernel, counters=counters, prologue=prologue
+            )
             us = time_graph(fused, turns, stream)
         # Whatever a candidate raises (compile error, out of shared memory, a capture
         # failure), cuBLAS serves this shape instead; the reason is logged.
@@ -431,9 +499,14 @@ def calibrate(groups: Sequence[Group], max_rows: int) -> SkinnyGemm:
     top = row_bucket(min(max_rows, ROW_BUCKETS[-1])) or ROW_BUCKETS[-1]
     started = time.perf_counter()
     decisions: dict[Key, Decision] = {}
+    device = None  # a model's decode weights live on one GPU; others' products go to torch
     for group in groups:
         w0 = group.weights[0]
         if not w0.is_cuda or w0.dtype not in (torch.bfloat16, torch.float16):
+            continue
+        if device is None:
+            device = w0.device
+        if w0.device != device:
             continue
         try:
             decisions |= measure(group, top, decisions.keys())
@@ -453,4 +526,4 @@ def calibrate(groups: Sequence[Group], max_rows: int) -> SkinnyGemm:
             len(plans), len(decisions), seconds,
         )  # fmt: skip
         log.debug("skinny gemm decisions:\n  %s", "\n  ".join(map(str, decisions.values())))
-    return SkinnyGemm(plans, list(decisions.values()), seconds)
+    return SkinnyGemm(plans, list(decisions.values()), seconds, device)

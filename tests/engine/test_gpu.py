@@ -4,6 +4,7 @@ Skipped without CUDA (run on the GPU machine)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 from typing import Any
 
@@ -74,21 +75,30 @@ def test_graph_engine_greedy_matches_hf_generate(dtype: torch.dtype) -> None:
         engine.close()
         return [list(s.completion.token_ids) for s in streams]
 
-    ours = asyncio.run(run())
-    agree = total = 0
-    for prompt, tokens in zip(prompts, ours, strict=True):
+    def hf_greedy(hf_model: Any, prompt: list[int]) -> list[int]:
         ids = torch.tensor([prompt], device="cuda")
         with torch.inference_mode():
-            ref = model.generate(
+            return hf_model.generate(  # type: ignore[no-any-return]
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
                 min_new_tokens=24, do_sample=False, pad_token_id=0,
             )[0, len(prompt) :].tolist()  # fmt: skip
-        agree += sum(a == b for a, b in zip(tokens, ref, strict=True))
+
+    ours = asyncio.run(run())
+    if dtype == torch.float32:
+        for prompt, tokens in zip(prompts, ours, strict=True):
+            assert tokens == hf_greedy(model, prompt)
+        return
+    # bf16: greedy paths part where logits nearly tie, wherever the roundings differ.
+    # The engine's bf16 must stay as close to the fp32 tokens as HF's own bf16 does.
+    exact = copy.deepcopy(model).float()
+    ours_agree = hf_agree = total = 0
+    for prompt, tokens in zip(prompts, ours, strict=True):
+        ref, hf_tokens = hf_greedy(exact, prompt), hf_greedy(model, prompt)
+        ours_agree += sum(a == b for a, b in zip(tokens, ref, strict=True))
+        hf_agree += sum(a == b for a, b in zip(hf_tokens, ref, strict=True))
         total += len(ref)
-        if dtype == torch.float32:
-            assert tokens == ref
-    print(f"{dtype}: {agree}/{total} greedy tokens agree with HF generate")
-    assert agree >= 0.75 * total
+    print(f"bf16 greedy tokens equal to fp32's: engine {ours_agree}/{total}, HF {hf_agree}/{total}")
+    assert ours_agree >= hf_agree - total // 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

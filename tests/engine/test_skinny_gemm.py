@@ -1,6 +1,7 @@
-"""The skinny matrix-product kernel (run by Triton's interpreter on the CPU, in a
-subprocess because TRITON_INTERPRET is read when the kernels are defined) and its
-dispatcher's torch fallback. The GPU test is skipped without CUDA."""
+"""The skinny matrix-product kernel and the decode-attention kernel (run by Triton's
+interpreter on the CPU, in a subprocess because TRITON_INTERPRET is read when the
+kernels are defined) and the product dispatcher's torch fallback. The GPU tests are
+skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # (dtype, M, N, K, tile (block_m, block_n, block_k), split, bias, prologue). The interpreter's
 # tl.dot mishandles bf16 (it multiplies the raw bits), so the tensor-core tiles run in
 # fp16 here; the one-row tile (no tl.dot) runs in bf16. Shapes cover: K split into fp32
-# partials, K not a whole number of tiles, N not a whole number of tiles, M < block_m.
+# partials (summed by the last program of each column tile), K not a whole number of
+# tiles, N not a whole number of tiles, M < block_m, and splits that do not divide the K
+# tiles evenly (the last split shorter: 7 tiles in 3 + 3 + 1, 5 in 2 + 2 + 1, ...).
 CASES = [
     ("bfloat16", 1, 100, 96, (1, 32, 32), 1, False, ""),
     ("bfloat16", 1, 100, 96, (1, 32, 32), 2, True, ""),
@@ -40,18 +43,26 @@ CASES = [
     ("float16", 5, 64, 200, (16, 32, 64), 2, False, ""),
     ("float16", 16, 48, 64, (16, 16, 32), 2, True, ""),
     ("float16", 20, 33, 64, (32, 16, 32), 1, False, ""),
+    ("float16", 5, 70, 200, (16, 32, 32), 4, True, ""),  # 7 K tiles: 2 + 2 + 2 + 1
     # Prologues: RMSNorm of the rows, or silu(gate) * up of rows holding [gate | up].
+    ("bfloat16", 1, 100, 96, (1, 32, 32), 1, True, "norm"),
     ("bfloat16", 1, 100, 96, (1, 32, 32), 2, False, "norm"),
+    ("bfloat16", 1, 100, 160, (1, 32, 32), 4, True, "norm"),  # 5 K tiles: 2 + 2 + 1
+    ("float16", 1, 64, 128, (16, 32, 32), 1, False, "norm"),
     ("float16", 5, 64, 200, (16, 32, 64), 2, True, "norm"),
+    ("float16", 3, 70, 160, (16, 32, 32), 3, False, "norm"),  # 5 K tiles: 2 + 2 + 1
     ("bfloat16", 1, 100, 96, (1, 32, 32), 1, True, "glu"),
+    ("bfloat16", 1, 100, 200, (1, 32, 32), 3, True, "glu"),  # 7 K tiles: 3 + 3 + 1
     ("float16", 3, 70, 200, (16, 32, 64), 2, True, "glu"),
 ]
 
+# Each case twice in a row on the same counters: the second result must be the first
+# bit for bit (the counters were set back to zero, the sum has a fixed order).
 SCRIPT = """
 import json, sys
 import torch
-from engine.linear import Prologue
-from engine.skinny_gemm import Kernel, Tile, skinny_matmul
+from engine.linear import Prologue, unfused
+from engine.skinny_gemm import Kernel, Tile, column_tiles, skinny_matmul
 
 torch.manual_seed(0)
 for dtype, m, n, k, (bm, bn, bk), split, with_bias, kind in json.loads(sys.argv[1]):
@@ -60,35 +71,80 @@ for dtype, m, n, k, (bm, bn, bk), split, with_bias, kind in json.loads(sys.argv[
     w = torch.randn(n, k).to(dtype)
     bias = torch.randn(m, n).to(dtype) if with_bias else None
     scale = (1 + 0.1 * torch.randn(k)).to(dtype)
+    kernel = Kernel(Tile(bm, bn, bk, 4, 3), split)
+    counters = torch.zeros(column_tiles(n, kernel), dtype=torch.int32)
     prologue = {"": None, "norm": Prologue(norm=scale, eps=1e-5), "glu": Prologue(glu=True)}
-    y = skinny_matmul(x, w, bias, Kernel(Tile(bm, bn, bk, 4, 3), split), prologue[kind])
-    rows = x.double()
-    if kind == "norm":
-        rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-5) * scale.double()
-    if kind == "glu":
-        rows = torch.nn.functional.silu(rows[:, :k]) * rows[:, k:]
-    ref = rows @ w.double().T + (bias.double() if with_bias else 0)
+    y = skinny_matmul(x, w, bias, kernel, counters, prologue[kind])
+    again = skinny_matmul(x, w, bias, kernel, counters, prologue[kind])
+    # The torch path in float64: the reference the engine's fallback computes.
+    exact = {"": Prologue(), "norm": Prologue(norm=scale.double(), eps=1e-5)}
+    exact["glu"] = prologue["glu"]
+    ref = unfused(x.double(), w.double(), None if bias is None else bias.double(), exact[kind])
     error = ((y.double() - ref).norm() / ref.norm()).item()
-    print(json.dumps([str(y.dtype), list(y.shape), error]))
+    same = torch.equal(y, again) and not counters.any().item()
+    print(json.dumps([str(y.dtype), list(y.shape), error, same]))
 """
 
 
-def test_kernel_matches_float64_reference_in_the_interpreter() -> None:
+def run_interpreted(script: str, cases: list) -> list:
+    """The script's JSON lines, one per case, run under Triton's interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
+        [sys.executable, "-c", script, json.dumps(cases)],
         env=env,
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(results) == len(CASES)
-    for case, (dtype, shape, error) in zip(CASES, results, strict=True):
+    assert len(results) == len(cases)
+    return results
+
+
+def test_kernel_matches_float64_reference_in_the_interpreter() -> None:
+    results = run_interpreted(SCRIPT, CASES)
+    for case, (dtype, shape, error, same) in zip(CASES, results, strict=True):
         assert dtype == f"torch.{case[0]}" and shape == [case[1], case[2]], case
         assert error < 1e-2, (case, error)
+        assert same, case
+
+
+# (heads, kv heads, dtype): GQA groups of 1, 4 and 3 (padded to 4).
+ATTENTION_CASES = [(4, 4, "bfloat16"), (8, 2, "bfloat16"), (6, 2, "float16")]
+
+# Five sequences in a 64-token cache, in splits of 16 keys (4 splits, blocks of 8):
+# 1 and 5 keys (less than one split), 16 and 64 (whole splits), 37 (a part of one).
+ATTENTION_SCRIPT = """
+import json, sys
+import torch
+from engine.attention import reference_attention
+from engine.attention_triton import triton_decode_attention
+
+torch.manual_seed(0)
+for heads, kv_heads, dtype in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
+    k = torch.randn(6, 64, kv_heads, 32).to(dtype)
+    v = torch.randn_like(k)
+    q = torch.randn(5, heads, 32).to(dtype)
+    slots = torch.tensor([5, 0, 3, 1, 2])
+    lengths = torch.tensor([16, 1, 37, 64, 5])
+    out = triton_decode_attention(q, k, v, slots, lengths, 16, 8)
+    again = triton_decode_attention(q, k, v, slots, lengths, 16, 8)
+    ref = reference_attention(q, k, v, slots, lengths).double()
+    error = ((out.double() - ref).norm() / ref.norm()).item()
+    same = torch.equal(out, again)
+    print(json.dumps([str(out.dtype), list(out.shape), error, same]))
+"""
+
+
+def test_decode_attention_matches_float64_reference_in_the_interpreter() -> None:
+    results = run_interpreted(ATTENTION_SCRIPT, ATTENTION_CASES)
+    for case, (dtype, shape, error, same) in zip(ATTENTION_CASES, results, strict=True):
+        assert dtype == f"torch.{case[2]}" and shape == [5, case[0], 32], case
+        assert error < 1e-2, (case, error)
+        assert same, case
 
 
 def test_dispatcher_falls_back_to_torch_on_the_cpu() -> None:
@@ -99,7 +155,8 @@ def test_dispatcher_falls_back_to_torch_on_the_cpu() -> None:
     measured = calibrate([Group([w]), Group([w], with_bias=True)], max_rows=8)
     assert measured.plans == {}
     # Even with a plan for this very shape, CPU tensors never reach Triton.
-    planned = SkinnyGemm({(96, 64, True, 4, ""): Kernel(Tile(16, 32, 32, 4, 3), 1)})
+    plans = {(96, 64, True, 4, ""): Kernel(Tile(16, 32, 32, 4, 3), 1)}
+    planned = SkinnyGemm(plans, device=torch.device("cpu"))
     for linear in (measured, planned):
         assert torch.equal(linear(x, w), x @ w.T)
         assert torch.equal(linear(x, w, bias), torch.addmm(bias, x, w.T))
@@ -130,20 +187,29 @@ def test_every_candidate_and_the_dispatcher_match_float64_on_the_gpu() -> None:
     linear = calibrate([Group(weights), Group(weights, with_bias=True)], max_rows=16)
     assert len(linear.decisions) == 2 * 5
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    counters = torch.zeros(n, dtype=torch.int32, device="cuda")  # one per column, enough
     w = weights[0]
     for m in (1, 3, 16):
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         bias = torch.randn(m, n, device="cuda").to(torch.bfloat16)
         for b in (None, bias):
             ref = x.double() @ w.double().T + (0 if b is None else b.double())
-            outputs = [skinny_matmul(x, w, b, kernel) for kernel in candidates(n, k, m, sms)]
+            outputs = []
+            for kernel in candidates(n, k, m, sms):
+                outputs.append(skinny_matmul(x, w, b, kernel, counters))
+                # Again on the same counters: they were left at zero, the sum is in order.
+                assert torch.equal(skinny_matmul(x, w, b, kernel, counters), outputs[-1])
             linear(x, w, b)  # warm up outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 outputs.append(linear(x, w, b))
             graph.replay()
+            first = outputs[-1].clone()
+            graph.replay()
+            assert torch.equal(outputs[-1], first)
             for y in outputs:
                 assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert not counters.any() and (linear.counters is None or not linear.counters.any())
 
 
 @pytest.mark.gpu
@@ -159,6 +225,7 @@ def test_fused_prologues_match_float64_on_the_gpu() -> None:
     linear = calibrate([Group(weights, kind="norm"), Group(weights, True, "glu")], max_rows=16)
     assert len(linear.decisions) == 2 * 5
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    counters = torch.zeros(n, dtype=torch.int32, device="cuda")
     w = weights[0]
     for m in (1, 3, 16):
         x = torch.randn(m, 2 * k, device="cuda").to(torch.bfloat16)
@@ -170,9 +237,12 @@ def test_fused_prologues_match_float64_on_the_gpu() -> None:
             else:
                 r = torch.nn.functional.silu(r[:, :k]) * r[:, k:]
             ref = r @ w.double().T + (0 if b is None else b.double())
-            outputs = [
-                skinny_matmul(rows, w, b, kernel, prologue) for kernel in candidates(n, k, m, sms)
-            ]
+            outputs = []
+            for kernel in candidates(n, k, m, sms):
+                outputs.append(skinny_matmul(rows, w, b, kernel, counters, prologue))
+                again = skinny_matmul(rows, w, b, kernel, counters, prologue)
+                assert torch.equal(again, outputs[-1])
             outputs.append(linear(rows, w, b, prologue))
             for y in outputs:
                 assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert not counters.any()
