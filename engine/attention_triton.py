@@ -2,9 +2,18 @@
 
 Grid (batch, kv_head, split). Each program takes the `group` query heads that share a
 KV head (GQA), walks its split of the sequence in blocks of BLOCK_N keys with an online
-softmax, and writes a partial (max, sum, weighted values). A second kernel merges the
-splits. Splits past a sequence's length exit at once, so the cost follows the real
-lengths, and nothing depends on host values: the step can live in a CUDA graph.
+softmax, and writes a partial (max, sum, weighted values). Splits past a sequence's
+length do no work, so the cost follows the real lengths, and nothing depends on host
+values: the step can live in a CUDA graph.
+
+Two ways to merge the splits: a second kernel (`triton_decode_attention`), or, for a
+few sequences, the last split program of each (sequence, KV head) to finish, counted in
+a zeroed counter it sets back to zero (`triton_rope_decode_attention`). That variant
+also takes the q/k/v product's row as it comes: it applies RoPE to the queries, and
+the program whose split holds the new position writes the rotated key and the value
+into the cache first. At batch 1 it replaces three kernels per layer with one; at
+large batches every program's barrier and atomic cost more than the merge kernel
+(benchmarks/results/notes-2026-11-29-gpu-session4.md).
 """
 
 from __future__ import annotations
@@ -17,63 +26,128 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotate(base, d, cos, sin, partner, sign):
+    """RoPE of the D-wide rows at `base` (a tensor of row starts) with transformers'
+    roundings: (x * cos) + (rotate_half(x) * sin), each product in the model's dtype
+    (as engine/fused_triton.py's cache kernel)."""
+    x = tl.load(base[:, None] + d[None, :])
+    x_rot = tl.load(base[:, None] + partner[None, :]) * sign.to(x.dtype)[None, :]
+    return ((x * cos[None, :]).to(x.dtype) + (x_rot * sin[None, :]).to(x.dtype)).to(x.dtype)
+
+
+@triton.jit
 def _split_kernel(
-    Q, K, V, Slots, Lens, Acc, Stats,
+    Q, K, V, Slots, Lens, Acc, Stats, Out, Counters, Cos, Sin,
     stride_qb, stride_qh,
     stride_ks, stride_kt, stride_kh,
     stride_vs, stride_vt, stride_vh,
+    stride_ob, stride_oh,
     scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+    ROPE: tl.constexpr, MERGE: tl.constexpr,
 ):  # fmt: skip
+    """ROPE: Q is the (B, (H + 2K) * D) q/k/v row, un-rotated, and this sequence's new
+    key and value (at position length - 1) are not in the cache yet. MERGE: the last
+    split program of (b, kv head) merges the splits into Out."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    kv_heads = tl.num_programs(1)
     length = tl.load(Lens + b)
     slot = tl.load(Slots + b).to(tl.int64)
     start = split * SPLIT
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
-    heads = kvh * GROUP + g
+    heads = kvh * GROUP + tl.minimum(g, GROUP - 1)  # padded heads re-read the last one
     g_ok = g < GROUP
-    out_rows = (b * tl.num_programs(1) * GROUP + heads) * NSPLIT + split  # (GROUP_PAD,)
-    if start >= length:
+    out_rows = (b * kv_heads * GROUP + heads) * NSPLIT + split  # (GROUP_PAD,)
+    if start < length:
+        if ROPE:
+            pos = length - 1
+            cos = tl.load(Cos + pos * D + d)
+            sin = tl.load(Sin + pos * D + d)
+            partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
+            sign = tl.where(d < D // 2, -1.0, 1.0)
+            row = Q + b * stride_qb
+            q = _rotate(row + heads * D, d, cos, sin, partner, sign).to(tl.float32)
+            if pos < start + SPLIT:  # this split holds the new position: cache it first
+                one = tl.zeros([1], tl.int32)  # (1, D) rows for _rotate
+                k_row = row + (kv_heads * GROUP + kvh) * D + one
+                key = _rotate(k_row, d, cos, sin, partner, sign)
+                value = tl.load(k_row[:, None] + kv_heads * D + d[None, :])
+                k_at = K + slot * stride_ks + pos * stride_kt + kvh * stride_kh
+                v_at = V + slot * stride_vs + pos * stride_vt + kvh * stride_vh
+                tl.store(k_at + one[:, None] + d[None, :], key)
+                tl.store(v_at + one[:, None] + d[None, :], value)
+                tl.debug_barrier()  # the block loop below reads them back
+        else:
+            q = tl.load(
+                Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None],
+                other=0.0,
+            ).to(tl.float32)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        s = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        end = tl.minimum(start + SPLIT, length)
+        for block in range(start, end, BLOCK_N):
+            n = block + tl.arange(0, BLOCK_N)
+            n_ok = n < end
+            k = tl.load(
+                K + slot * stride_ks + n[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            ).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (G, N)
+            scores = tl.where(n_ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp(scores - m_new[:, None])
+            correction = tl.exp(m - m_new)
+            v = tl.load(
+                V + slot * stride_vs + n[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            ).to(tl.float32)
+            acc = acc * correction[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            s = s * correction + tl.sum(p, axis=1)
+            m = m_new
+        tl.store(Acc + out_rows[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
+        tl.store(Stats + out_rows * 2, m, mask=g_ok)
+        tl.store(Stats + out_rows * 2 + 1, s, mask=g_ok)
+    else:
         tl.store(Stats + out_rows * 2, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=g_ok)
         tl.store(Stats + out_rows * 2 + 1, tl.zeros([GROUP_PAD], tl.float32), mask=g_ok)
-        return
-    q = tl.load(
-        Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-        mask=g_ok[:, None],
-        other=0.0,
-    ).to(tl.float32)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    s = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    end = tl.minimum(start + SPLIT, length)
-    for block in range(start, end, BLOCK_N):
-        n = block + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        k = tl.load(
-            K + slot * stride_ks + n[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-            mask=n_ok[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (G, N)
-        scores = tl.where(n_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        correction = tl.exp(m - m_new)
-        v = tl.load(
-            V + slot * stride_vs + n[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-            mask=n_ok[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        acc = acc * correction[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        s = s * correction + tl.sum(p, axis=1)
-        m = m_new
-    tl.store(Acc + out_rows[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
-    tl.store(Stats + out_rows * 2, m, mask=g_ok)
-    tl.store(Stats + out_rows * 2 + 1, s, mask=g_ok)
+    if MERGE:
+        # One thread takes the ticket: the barrier puts every thread's stores before it,
+        # and its release (acq_rel, gpu scope) publishes them to the program that draws
+        # the last ticket, whose acquire comes before its reads (.cg: from L2).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(Counters + b * kv_heads + kvh, 1, sem="acq_rel", scope="gpu")
+        if ticket == NSPLIT - 1:
+            first_rows = (b * kv_heads * GROUP + heads) * NSPLIT  # (GROUP_PAD,)
+            active = tl.cdiv(length, SPLIT)  # the splits that hold keys
+            m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            for i in range(0, active):
+                m_all = tl.maximum(
+                    m_all, tl.load(Stats + (first_rows + i) * 2, cache_modifier=".cg")
+                )
+            total = tl.zeros([GROUP_PAD], tl.float32)
+            out = tl.zeros([GROUP_PAD, D], tl.float32)
+            for i in range(0, active):
+                w = tl.exp(tl.load(Stats + (first_rows + i) * 2, cache_modifier=".cg") - m_all)
+                total += w * tl.load(Stats + (first_rows + i) * 2 + 1, cache_modifier=".cg")
+                part = tl.load(
+                    Acc + (first_rows + i)[:, None] * D + d[None, :], cache_modifier=".cg"
+                )
+                out += part * w[:, None]
+            out = out / total[:, None]
+            tl.store(
+                Out + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                out.to(Out.dtype.element_ty),
+                mask=g_ok[:, None],
+            )
+            tl.store(Counters + b * kv_heads + kvh, 0)  # zero again for the next call
 
 
 @triton.jit
@@ -95,6 +169,45 @@ def _merge_kernel(Acc, Stats, Out, stride_ob, stride_oh, H, D: tl.constexpr, NSP
     tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty))
 
 
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    heads: int,
+    out: torch.Tensor,
+    settings: tuple[int, int, int, int],
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counters: torch.Tensor | None = None,
+) -> None:
+    batch, dim = lengths.shape[0], k_cache.shape[-1]
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    split_tokens, block_n, warps, stages = settings
+    nsplit = triton.next_power_of_2(triton.cdiv(k_cache.shape[1], split_tokens))
+    acc = torch.empty((batch, heads, nsplit, dim), dtype=torch.float32, device=q.device)
+    stats = torch.empty((batch, heads, nsplit, 2), dtype=torch.float32, device=q.device)
+    cos, sin = rope if rope is not None else (q, q)
+    _split_kernel[(batch, kv_heads, nsplit)](
+        q, k_cache, v_cache, slots, lengths, acc, stats, out,
+        counters if counters is not None else lengths, cos, sin,
+        q.stride(0), q.stride(-1) * dim if rope is not None else q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        1.0 / math.sqrt(dim),
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=dim,
+        SPLIT=split_tokens, BLOCK_N=block_n, NSPLIT=nsplit,
+        ROPE=rope is not None, MERGE=counters is not None,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if counters is None:
+        _merge_kernel[(batch, heads)](
+            acc, stats, out, out.stride(0), out.stride(1), heads, D=dim, NSPLIT=nsplit
+        )
+
+
 def triton_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -107,23 +220,31 @@ def triton_decode_attention(
     stages: int = 3,
 ) -> torch.Tensor:
     """q (B, H, D); caches (S, T, K, D); slots, lengths (B,) int -> (B, H, D)."""
-    batch, heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
-    group = heads // kv_heads
-    nsplit = triton.next_power_of_2(triton.cdiv(k_cache.shape[1], split_tokens))
-    acc = torch.empty((batch, heads, nsplit, dim), dtype=torch.float32, device=q.device)
-    stats = torch.empty((batch, heads, nsplit, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    _split_kernel[(batch, kv_heads, nsplit)](
-        q, k_cache, v_cache, slots, lengths, acc, stats,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        1.0 / math.sqrt(dim),
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=dim,
-        SPLIT=split_tokens, BLOCK_N=block_n, NSPLIT=nsplit, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    _merge_kernel[(batch, heads)](
-        acc, stats, out, out.stride(0), out.stride(1), heads, D=dim, NSPLIT=nsplit
-    )
+    settings = (split_tokens, block_n, warps, stages)
+    _launch(q, k_cache, v_cache, slots, lengths, q.shape[1], out, settings)
+    return out
+
+
+def triton_rope_decode_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    heads: int,
+    counters: torch.Tensor,
+    settings: tuple[int, int, int, int],
+) -> torch.Tensor:
+    """The decode step's attention straight from the q/k/v product's rows qkv
+    (B, (H + 2K) * D): RoPE at position length - 1 (cos, sin: (T, D) tables), the new
+    key and value written into the caches (S, T, K, D) at (slot, length - 1), then
+    attention over the first `length` positions -> (B, H, D). counters: B * K int32
+    zeros (left at zero); settings: engine.attention.kernel_settings."""
+    batch, dim = qkv.shape[0], k_cache.shape[-1]
+    assert qkv.stride(1) == 1 and counters.numel() >= batch * k_cache.shape[2]
+    out = torch.empty((batch, heads, dim), dtype=qkv.dtype, device=qkv.device)
+    _launch(qkv, k_cache, v_cache, slots, lengths, heads, out, settings, (cos, sin), counters)
     return out

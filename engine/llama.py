@@ -11,7 +11,8 @@ a GPU with flash attention, every row's attention is one varlen flash call that 
 the keys in place from the slots (and the pass can be replayed as a CUDA graph, padded
 to a bucket of rows); elsewhere SDPA per chunk, causal over the slot's cache. A decode
 step (`decode`) runs one token for each of B sequences, reading each sequence's cache
-up to its own length (a Triton kernel on CUDA, gathered SDPA elsewhere). Decode's matrix
+up to its own length (a Triton kernel on CUDA, which for a few sequences also applies
+RoPE and caches the new key and value; gathered SDPA elsewhere). Decode's matrix
 products go through engine/skinny_gemm.py on CUDA: a Triton kernel for each weight and
 batch size where it measured faster than cuBLAS when the runner was built.
 """
@@ -27,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from engine.attention import cache_flash_attention, decode_attention, flash_capable
+from engine.attention import (
+    FUSED_ROPE_ROWS,
+    cache_flash_attention,
+    decode_attention,
+    flash_capable,
+    rope_decode_attention,
+)
 from engine.linear import Linear, Prologue, plain_linear
 from engine.sampling_batch import upload
 
@@ -209,6 +216,12 @@ class LlamaRunner:
             from engine.skinny_gemm import calibrate
 
             self.decode_linear = calibrate(self._linear_groups(), max_rows=slots)
+        # Small decode batches: RoPE, the cache write, attention and the merge in one
+        # kernel, which counts its finished splits here (engine/attention_triton.py).
+        self._counters: torch.Tensor | None = None
+        if self.fused:
+            size = FUSED_ROPE_ROWS * self.kv_heads
+            self._counters = torch.zeros(size, dtype=torch.int32, device=self.device)
 
     def _fuse(self, layer: Any) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -383,9 +396,17 @@ class LlamaRunner:
         h = self.embed[tokens]
         lengths = positions + 1
         linear = self.decode_linear
+        counters = self._counters if tokens.shape[0] <= FUSED_ROPE_ROWS else None
         for index, layer in enumerate(self.layers):
-            q = self._project_and_cache(index, layer, h, positions, slots, linear)
-            out = decode_attention(q, self.k_cache[index], self.v_cache[index], slots, lengths)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            if counters is not None:
+                qkv = linear(h, layer.qkv, None, self._rms(layer.input_norm))
+                out = rope_decode_attention(
+                    qkv, self.cos, self.sin, k_cache, v_cache, slots, lengths, self.heads, counters
+                )
+            else:
+                q = self._project_and_cache(index, layer, h, positions, slots, linear)
+                out = decode_attention(q, k_cache, v_cache, slots, lengths)
             h = linear(out.reshape(h.shape[0], -1), layer.o, h, None)
             h = self._mlp(layer, h, linear)
         return self._logits(h, linear)

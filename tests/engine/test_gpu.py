@@ -177,3 +177,41 @@ def test_mixed_step_with_flash_prefill_matches_separate_sdpa_steps(kv_heads: int
     error = (flash_logits - sdpa_logits).norm() / sdpa_logits.norm()
     assert error < 2e-2, error
     assert (flash_logits.argmax(-1) == sdpa_logits.argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(32, 32), (8, 2)])
+def test_rope_decode_attention_matches_the_separate_kernels(heads: int, kv_heads: int) -> None:
+    """bf16 on the GPU: one kernel for RoPE, the cache write, attention and the merge
+    gives what the RoPE + cache kernel then the split and merge kernels give, twice in
+    a row (its counters go back to zero)."""
+    from engine.attention import FUSED_ROPE_ROWS, kernel_settings, rope_decode_attention
+    from engine.attention_triton import triton_decode_attention
+    from engine.fused_triton import rope_into_cache
+
+    torch.manual_seed(4)
+    dim, slots, tokens = 128, 6, 1024
+    k_cache = torch.randn(slots, tokens, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    angles = torch.arange(tokens, device="cuda")[:, None] / 100 ** (
+        torch.arange(64, device="cuda") / 64
+    )
+    cos = torch.cat((angles, angles), dim=-1).cos().to(torch.bfloat16)
+    sin = torch.cat((angles, angles), dim=-1).sin().to(torch.bfloat16)
+    counters = torch.zeros(FUSED_ROPE_ROWS * kv_heads, dtype=torch.int32, device="cuda")
+    for lengths in ([1], [64, 200], [129, 1, 64, 1000]):
+        batch = len(lengths)
+        length = torch.tensor(lengths, device="cuda")
+        slot = torch.tensor([4, 0, 2, 5][:batch], device="cuda")
+        qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, device="cuda").to(torch.bfloat16)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        q = rope_into_cache(qkv, cos, sin, length - 1, slot, k_ref, v_ref, heads, kv_heads)
+        ref = triton_decode_attention(q, k_ref, v_ref, slot, length, *kernel_settings(batch))
+        for _ in range(2):
+            out = rope_decode_attention(
+                qkv, cos, sin, k_cache, v_cache, slot, length, heads, counters
+            )
+            assert torch.equal(v_cache, v_ref), lengths  # the value: copied as is
+            torch.testing.assert_close(k_cache, k_ref)  # the key: RoPE, the same roundings
+            error = (out.float() - ref.float()).norm() / ref.float().norm()
+            assert error < 1e-3, (lengths, error)
+        assert not counters.any()

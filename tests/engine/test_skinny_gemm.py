@@ -147,6 +147,63 @@ def test_decode_attention_matches_float64_reference_in_the_interpreter() -> None
         assert same, case
 
 
+# The fused variant for small batches: the q/k/v row in, RoPE applied, the new key and
+# value cached at position length - 1, the splits merged by the last one to finish.
+ROPE_SCRIPT = """
+import json, sys
+import torch
+from engine.attention import reference_attention
+from engine.attention_triton import triton_rope_decode_attention
+
+def rotate(x, cos, sin):  # transformers' apply_rotary_pos_emb, on (..., D)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+torch.manual_seed(0)
+for heads, kv_heads, dtype in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
+    dim, batch = 32, 4
+    k = torch.randn(6, 64, kv_heads, dim).to(dtype)
+    v = torch.randn_like(k)
+    angles = torch.arange(64)[:, None] * 0.1 / (1 + torch.arange(dim // 2))[None, :]
+    cos = torch.cat((angles, angles), dim=-1).cos().to(dtype)
+    sin = torch.cat((angles, angles), dim=-1).sin().to(dtype)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim).to(dtype)
+    slots = torch.tensor([5, 0, 3, 1])
+    lengths = torch.tensor([16, 1, 37, 64])  # new token at the end of a split, alone, inside
+    counters = torch.zeros(batch * kv_heads, dtype=torch.int32)
+    k_ref, v_ref = k.clone(), v.clone()
+    q = qkv[:, : heads * dim].view(batch, heads, dim)
+    new_k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(batch, kv_heads, dim)
+    new_v = qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim)
+    c, s_ = cos[lengths - 1][:, None, :], sin[lengths - 1][:, None, :]
+    k_ref[slots, lengths - 1] = rotate(new_k.float(), c.float(), s_.float()).to(dtype)
+    v_ref[slots, lengths - 1] = new_v
+    ref = reference_attention(rotate(q.float(), c.float(), s_.float()).to(dtype), k_ref, v_ref, slots, lengths)
+    settings = (16, 8, 4, 3)
+    out = triton_rope_decode_attention(qkv, cos, sin, k, v, slots, lengths, heads, counters, settings)
+    again = triton_rope_decode_attention(qkv, cos, sin, k, v, slots, lengths, heads, counters, settings)
+    error = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    cache = max((k - k_ref).abs().max().item(), (v - v_ref).abs().max().item())
+    same = torch.equal(out, again) and not counters.any().item()
+    print(json.dumps([list(out.shape), error, cache, same]))
+"""
+
+
+# The interpreter multiplies bf16 as raw bits, so no bf16 here (tests/engine/test_gpu.py
+# checks bf16 against the separate RoPE and attention kernels on the GPU).
+ROPE_CASES = [(4, 4, "float32"), (8, 2, "float16"), (6, 2, "float16")]
+
+
+def test_rope_decode_attention_caches_the_new_token_in_the_interpreter() -> None:
+    results = run_interpreted(ROPE_SCRIPT, ROPE_CASES)
+    for case, (shape, error, cache, same) in zip(ROPE_CASES, results, strict=True):
+        assert shape == [4, case[0], 32], case
+        assert error < 1e-2, (case, error)
+        assert cache < 2e-2, (case, cache)  # the new key: RoPE within a rounding
+        assert same, case  # counters back at zero, the merge in a fixed order
+
+
 def test_dispatcher_falls_back_to_torch_on_the_cpu() -> None:
     torch.manual_seed(0)
     w = torch.randn(96, 64).to(torch.bfloat16)
