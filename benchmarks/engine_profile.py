@@ -177,11 +177,12 @@ def pieces(engine: LocalEngine, cuda: bool) -> dict[str, Any]:
             out[f"attention_b{slots.shape[0]}_ctx{context}_us_per_layer"] = round(1000 * ms, 1)
             moved = slots.shape[0] * context * kv / len(runner.layers)
             out[f"attention_b{slots.shape[0]}_ctx{context}_tb_s"] = round(moved / ms / 1e9, 3)
-        # A mixed step: 512 prompt tokens with 64 decode rows at 400 tokens of context.
-        spare = runner.slots - 1  # a slot no decode row uses
+        # A mixed step: 512 prompt tokens with up to 64 decode rows at 400 tokens of
+        # context, in the scheduler's slots (the last runner slot is graph scratch).
+        spare = len(scheduler.slots) - 1  # a slot no decode row uses
         rows = [(5, slot, 399) for slot in range(min(64, spare))]
         ms = time_fn(lambda: runner.forward([(spare, list(range(100, 612)), 0)], rows), cuda, 5)
-        out["mixed_512_plus_64_decode_ms"] = round(ms, 3)
+        out[f"mixed_512_plus_{len(rows)}_decode_ms"] = round(ms, 3)
         for sizes in ((512,), (128, 128, 128, 128), (256,), (64,)):
             chunks = [(i, list(range(100, 100 + n)), 0) for i, n in enumerate(sizes)]
             ms = time_fn(lambda: runner.forward(chunks), cuda, repeat=5)  # noqa: B023
@@ -190,7 +191,7 @@ def pieces(engine: LocalEngine, cuda: bool) -> dict[str, Any]:
         mixed = scheduler.mixed_graphs
         if mixed is not None:
             ms = time_fn(lambda: mixed.run([(spare, list(range(100, 612)), 0)], rows), cuda, 5)
-            out["graph_mixed_512_plus_64_decode_ms"] = round(ms, 3)
+            out[f"graph_mixed_512_plus_{len(rows)}_decode_ms"] = round(ms, 3)
             for n in (512, 64):
                 chunk = [(spare, list(range(100, 100 + n)), 0)]
                 ms = time_fn(lambda: mixed.run(chunk), cuda, repeat=5)  # noqa: B023

@@ -143,7 +143,7 @@ def reference_attention(
     return torch.stack(outputs).to(q.dtype)
 
 
-# prefill: variable-length flash attention -------------------------------------------
+# mixed steps and training: variable-length flash attention ----------------------------
 @functools.cache
 def _varlen() -> tuple[Any, frozenset[str]] | None:
     try:

@@ -121,51 +121,44 @@ def _split_kernel(
     if MERGE:
         # One thread takes the ticket: the barrier puts every thread's stores before it,
         # and its release (acq_rel, gpu scope) publishes them to the program that draws
-        # the last ticket, whose acquire comes before its reads (.cg: from L2).
+        # the last ticket, whose acquire comes before its reads.
         tl.debug_barrier()
         ticket = tl.atomic_add(Counters + b * kv_heads + kvh, 1, sem="acq_rel", scope="gpu")
         if ticket == NSPLIT - 1:
-            first_rows = (b * kv_heads * GROUP + heads) * NSPLIT  # (GROUP_PAD,)
-            active = tl.cdiv(length, SPLIT)  # the splits that hold keys
-            m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-            for i in range(0, active):
-                m_all = tl.maximum(
-                    m_all, tl.load(Stats + (first_rows + i) * 2, cache_modifier=".cg")
-                )
-            total = tl.zeros([GROUP_PAD], tl.float32)
-            out = tl.zeros([GROUP_PAD, D], tl.float32)
-            for i in range(0, active):
-                w = tl.exp(tl.load(Stats + (first_rows + i) * 2, cache_modifier=".cg") - m_all)
-                total += w * tl.load(Stats + (first_rows + i) * 2 + 1, cache_modifier=".cg")
-                part = tl.load(
-                    Acc + (first_rows + i)[:, None] * D + d[None, :], cache_modifier=".cg"
-                )
-                out += part * w[:, None]
-            out = out / total[:, None]
-            tl.store(
-                Out + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                out.to(Out.dtype.element_ty),
-                mask=g_ok[:, None],
-            )
+            for i in tl.static_range(GROUP):
+                head = kvh * GROUP + i
+                row = (b * kv_heads * GROUP + head) * NSPLIT
+                out = _merge_head(Acc, Stats, row, d, D, NSPLIT, ".cg")  # .cg: from L2
+                tl.store(Out + b * stride_ob + head * stride_oh + d, out.to(Out.dtype.element_ty))
             tl.store(Counters + b * kv_heads + kvh, 0)  # zero again for the next call
+
+
+@triton.jit
+def _merge_head(Acc, Stats, row, d, D: tl.constexpr, NSPLIT: tl.constexpr, CACHE: tl.constexpr):
+    """One query head's output from its NSPLIT partials, rows row.. of Acc and Stats
+    (a split without keys has max -inf and weighs nothing)."""
+    splits = tl.arange(0, NSPLIT)
+    m = tl.load(Stats + (row + splits) * 2, cache_modifier=CACHE)
+    s = tl.load(Stats + (row + splits) * 2 + 1, cache_modifier=CACHE)
+    m_all = tl.max(m, axis=0)
+    used = m > float("-inf")
+    w = tl.where(used, tl.exp(m - m_all), 0.0)
+    total = tl.sum(w * s, axis=0)
+    acc = tl.load(
+        Acc + (row + splits)[:, None] * D + d[None, :],
+        mask=used[:, None],
+        other=0.0,
+        cache_modifier=CACHE,
+    )
+    return tl.sum(acc * w[:, None], axis=0) / total
 
 
 @triton.jit
 def _merge_kernel(Acc, Stats, Out, stride_ob, stride_oh, H, D: tl.constexpr, NSPLIT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    row = (b * H + h) * NSPLIT
-    splits = tl.arange(0, NSPLIT)
-    m = tl.load(Stats + (row + splits) * 2)
-    s = tl.load(Stats + (row + splits) * 2 + 1)
-    m_all = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
-    total = tl.sum(w * s, axis=0)
     d = tl.arange(0, D)
-    acc = tl.load(
-        Acc + (row + splits)[:, None] * D + d[None, :], mask=(m > float("-inf"))[:, None], other=0.0
-    )
-    out = tl.sum(acc * w[:, None], axis=0) / total
+    out = _merge_head(Acc, Stats, (b * H + h) * NSPLIT, d, D, NSPLIT, "")
     tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty))
 
 
@@ -188,11 +181,13 @@ def _launch(
     nsplit = triton.next_power_of_2(triton.cdiv(k_cache.shape[1], split_tokens))
     acc = torch.empty((batch, heads, nsplit, dim), dtype=torch.float32, device=q.device)
     stats = torch.empty((batch, heads, nsplit, 2), dtype=torch.float32, device=q.device)
+    if rope is not None and counters is None:
+        raise ValueError("the RoPE variant merges its own splits: it needs counters")
     cos, sin = rope if rope is not None else (q, q)
     _split_kernel[(batch, kv_heads, nsplit)](
         q, k_cache, v_cache, slots, lengths, acc, stats, out,
         counters if counters is not None else lengths, cos, sin,
-        q.stride(0), q.stride(-1) * dim if rope is not None else q.stride(1),
+        q.stride(0), 0 if rope is not None else q.stride(1),  # RoPE: heads are D apart
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
@@ -244,7 +239,10 @@ def triton_rope_decode_attention(
     attention over the first `length` positions -> (B, H, D). counters: B * K int32
     zeros (left at zero); settings: engine.attention.kernel_settings."""
     batch, dim = qkv.shape[0], k_cache.shape[-1]
-    assert qkv.stride(1) == 1 and counters.numel() >= batch * k_cache.shape[2]
+    if qkv.stride(1) != 1 or counters.numel() < batch * k_cache.shape[2]:
+        raise ValueError(
+            f"qkv must be unit-stride rows and counters at least {batch * k_cache.shape[2]}"
+        )
     out = torch.empty((batch, heads, dim), dtype=qkv.dtype, device=qkv.device)
     _launch(qkv, k_cache, v_cache, slots, lengths, heads, out, settings, (cos, sin), counters)
     return out

@@ -163,10 +163,10 @@ class Plan:
             values = tokens + positions + slots + outputs + cu_q + cu_k + used
         else:
             values = tokens + positions + slots + outputs
-        ids = upload(values, device, torch.int32)
-        views = ids.split(sizes)
+        packed = upload(values, device, torch.int32)
+        views = packed.split(sizes)
         return cls(
-            ids=ids,
+            ids=packed,
             tokens=views[0],
             positions=views[1],
             slots=views[2],

@@ -286,7 +286,7 @@ class SkinnyGemm:
         self.decisions = list(decisions)  # what was measured, for logs and benchmarks
         self.seconds = seconds  # what calibration cost
         self.counters: torch.Tensor | None = None
-        if plans and device is not None and device.type == "cuda":
+        if plans and device is not None:
             tiles = max(column_tiles(key[0], kernel) for key, kernel in plans.items())
             self.counters = torch.zeros(tiles, dtype=torch.int32, device=device)
 
@@ -298,14 +298,17 @@ class SkinnyGemm:
         prologue: Prologue | None = None,
     ) -> torch.Tensor:
         kernel = self._kernel(x, w, bias, prologue or Prologue())
-        if kernel is None or self.counters is None:
+        if kernel is None:
             return unfused(x, w, bias, prologue) if prologue else torch_linear(x, w, bias)
+        assert self.counters is not None  # a kernel is chosen only with counters
         return skinny_matmul(x, w, bias, kernel, self.counters, prologue)
 
     def _kernel(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, prologue: Prologue
     ) -> Kernel | None:
-        if not self.plans or self.counters is None or x.device != self.counters.device:
+        if not self.plans or not x.is_cuda:
+            return None
+        if self.counters is None or x.device != self.counters.device:
             return None
         if x.dim() != 2 or x.stride(1) != 1:
             return None
@@ -329,7 +332,8 @@ class SkinnyGemm:
 
 def candidates(n: int, k: int, bucket: int, sms: int) -> list[Kernel]:
     """Tiles for this row bucket, each with the K splits that put between half a wave
-    and eight waves of programs on the SMs (each split walking at least 4 K tiles)."""
+    and eight waves of programs on the SMs (each split walking at least 4 K tiles);
+    a tile that needs more than eight waves unsplit is left out."""
     tiles = [Tile(max(16, bucket), bn, bk, wp, st) for bn, bk, wp, st in DOT_TILES]
     if bucket == 1:
         tiles += [Tile(1, bn, bk, wp, st) for bn, bk, wp, st in ROW_TILES]
@@ -424,6 +428,10 @@ def search(
     turns = rotation(weights)
     expected = unfused(x, w0, b, prologue).float()
     trials = [Trial(None, time_graph(lambda w: unfused(x, w, b, prologue), turns, stream))]
+    if kind == "norm" and w0.dtype != torch.bfloat16:
+        # The fused norm rounds x * weight to the input dtype before the 1/rms scale: in
+        # fp16 a large residual times a large weight could pass 65504. torch serves it.
+        return trials
     sms = torch.cuda.get_device_properties(w0.device).multi_processor_count
     for kernel in candidates(n, k, row_bucket(rows) or rows, sms):
         try:

@@ -73,8 +73,9 @@ def tiny_runner(slots: int = 5, slot_tokens: int = 512) -> tuple[object, object]
 
 
 def test_mixed_graph_replays_match_the_eager_step() -> None:
-    """The same steps, replayed from graphs of several buckets (one of them all but
-    full), give the eager step's logits and write the same KV into the slots."""
+    """The same steps, replayed from graphs of four buckets (16, 192 twice, 256: one of
+    them all but full), give the eager step's logits and write the same KV into the
+    slots."""
     from engine.decode_graphs import MixedGraphs
 
     _model, runner = tiny_runner()
@@ -83,14 +84,15 @@ def test_mixed_graph_replays_match_the_eager_step() -> None:
         ([(0, ids[0][:200], 0), (1, ids[1], 0)], []),  # fresh prompts
         ([(0, ids[0][200:], 200), (2, ids[2], 0)], [(17, 1, 40)]),  # continued, decoding
         ([(3, ids[3], 0)], [(5, 0, 300), (9, 1, 41), (11, 2, 90)]),  # small: bucket 16
-        ([(1, ids[4], 42)], [(6, 0, 301), (7, 2, 91), (8, 3, 7)]),  # past 128 rows
+        ([(1, ids[4], 42)], [(6, 0, 301), (7, 2, 91), (8, 3, 7)]),  # 133 rows: bucket 192
     ]
     results, caches = [], []
     for graphs in (False, True):
         runner.k_cache.zero_()
         runner.v_cache.zero_()
-        mixed = MixedGraphs(runner, max_rows=160, scratch_slot=runner.slots - 1)
-        assert mixed.buckets[-1] == 160
+        mixed = MixedGraphs(runner, max_rows=256, scratch_slot=runner.slots - 1)
+        for chunks, decode in steps:  # every step replays a graph (none runs eagerly)
+            assert mixed.bucket(sum(len(c[1]) for c in chunks) + len(decode)) is not None
         step_logits = []
         with torch.inference_mode():
             if graphs:
