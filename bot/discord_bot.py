@@ -285,18 +285,35 @@ class DiscordBot(discord.Client):
             except Exception:
                 log.exception("discord: rating on %s failed", payload.message_id)
 
-    async def _rate(self, payload: discord.RawReactionActionEvent, rating: int) -> None:
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        """A 👍/👎 taken back withdraws that rating (if it was the user's latest)."""
+        rating = rating_of(payload.emoji)
+        if rating is None or self.user is None or payload.user_id == self.user.id:
+            return
+        with self.tracked():
+            try:
+                await self._rate(payload, rating, withdraw=True)
+            except Exception:
+                log.exception("discord: withdrawing a rating on %s failed", payload.message_id)
+
+    async def _rate(
+        self, payload: discord.RawReactionActionEvent, rating: int, *, withdraw: bool = False
+    ) -> None:
         if payload.guild_id is None:
             place = Place(None, (payload.channel_id,))
         else:
             channel = self.get_channel(payload.channel_id)
             place = place_of(channel or discord.Object(payload.channel_id), payload.guild_id)
         user = payload.member or discord.Object(payload.user_id)
-        if not await self.access.allows(self, user, place):
-            return  # nothing of a disallowed user is stored
+        # Nothing of a disallowed user is stored; withdrawing touches only the user's own
+        # rating (a removal event carries no member, so no roles to check).
+        if not withdraw and not await self.access.allows(self, user, place):
+            return
         ours = await self._stored(payload.channel_id, str(payload.message_id))
         if ours is not None and ours.role == "assistant":
-            await self.service.store.rate(ours.id, str(payload.user_id), rating)
+            store = self.service.store
+            change = store.unrate if withdraw else store.rate
+            await change(ours.id, str(payload.user_id), rating)
 
 
 def _where(place: Place) -> str:

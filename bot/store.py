@@ -373,6 +373,15 @@ class Store:
         )
         return True
 
+    async def unrate(self, message_id: int, user_id: str, rating: int) -> bool:
+        """Withdraw a user's rating of an answer, if it is still this one (a 👍 taken
+        back after a 👎 changes nothing: the 👎 was the latest); True if one was removed."""
+        cur = await self._db.execute(
+            "DELETE FROM feedback WHERE message_id=? AND user_id=? AND rating=?",
+            (message_id, user_id, rating),
+        )
+        return cur.rowcount > 0
+
     async def reply_speed(
         self, platform: str | None = None, since: float = 0.0
     ) -> tuple[int, int, float]:

@@ -320,6 +320,28 @@ async def test_restart_keeps_the_conversation(world: World) -> None:
     assert again.ratings() == [(carol["id"], 1)]
 
 
+async def test_a_reaction_taken_back_withdraws_that_rating(world: World) -> None:
+    guild = world.fake.add_guild("lab")
+    bot = await world.start()
+    channel = guild.text_channel_id
+    alice, bob = world.fake.add_user("alice"), world.fake.add_user("bob")
+    await world.fake.user_message(channel, "alice", "hello", mentions_bot=True)
+    [answer] = await answered(world.fake, channel)
+    await bot.chain_of(channel, answer.id)  # the answer is on record (what a rating names)
+    for user in ("alice", "bob"):
+        await world.fake.add_reaction(channel, answer.id, user, "👍")
+    await world.fake.wait_for(lambda: len(bot.ratings()) == 2)
+    await world.fake.add_reaction(channel, answer.id, "bob", "👎")  # bob's latest: 👎
+    await world.fake.wait_for(lambda: (bob["id"], -1) in bot.ratings())
+    await world.fake.remove_reaction(channel, answer.id, "alice", "👍")
+    await world.fake.remove_reaction(channel, answer.id, "bob", "👍")  # not his latest
+    await world.fake.wait_for(lambda: len(bot.ratings()) == 1)
+    assert bot.ratings() == [(bob["id"], -1)]
+    await world.fake.remove_reaction(channel, answer.id, "bob", "👎")
+    await world.fake.wait_for(lambda: bot.ratings() == [])
+    assert alice["id"] != bob["id"]
+
+
 # -- streaming ------------------------------------------------------------------------------
 
 # Long texts that cost few tokens (a rule of dashes is one token): the scripted model

@@ -906,6 +906,23 @@ class FakeDiscord:
         payload = self._reaction_payload(channel, str(message_id), user_obj["id"], emoji_obj, msg)
         await self._dispatch("MESSAGE_REACTION_ADD", payload)
 
+    async def remove_reaction(
+        self, channel_id: Snowflake, message_id: Snowflake, user: UserRef, emoji: str = "👍"
+    ) -> None:
+        """A user takes a reaction back: MESSAGE_REACTION_REMOVE (raw; no member object,
+        as Discord sends it)."""
+        channel = self._channel(channel_id)
+        user_obj = self._user(user)
+        emoji_obj = _parse_emoji(emoji)
+        msg = self._messages.get(str(message_id))
+        key = (_emoji_key(emoji_obj), user_obj["id"])
+        if msg is not None and key in msg.reactions:
+            msg.reactions.remove(key)
+        payload = self._reaction_payload(channel, str(message_id), user_obj["id"], emoji_obj, msg)
+        payload.pop("member", None)
+        payload.pop("message_author_id", None)
+        await self._dispatch("MESSAGE_REACTION_REMOVE", payload)
+
     async def add_thread(
         self,
         channel_id: Snowflake,
