@@ -344,6 +344,33 @@ class Store:
             raise
         return deleted
 
+    async def move_chat(self, platform: str, old: str, new: str) -> int:
+        """A chat got a new id (a Telegram group upgraded to a supergroup): its
+        conversations, messages and our message ids follow it, so the conversation goes
+        on. Conversation keys that name the chat ("<chat>" or "<chat>:<user>") are
+        renamed; one the new chat already has open stays where it was. Returns the
+        number of conversations moved; moving again is a no-op."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = await self._db.execute(
+                "UPDATE OR IGNORE conversations SET chat_id=?, conv_key = CASE"
+                " WHEN conv_key=? THEN ? WHEN substr(conv_key, 1, ?)=?"
+                " THEN ? || substr(conv_key, ?) ELSE conv_key END"
+                " WHERE platform=? AND chat_id=?",
+                (new, old, new, len(old) + 1, old + ":", new, len(old) + 1, platform, old),
+            )
+            moved = cur.rowcount
+            for table in ("messages", "platform_messages"):
+                await self._db.execute(
+                    f"UPDATE OR IGNORE {table} SET chat_id=? WHERE platform=? AND chat_id=?",
+                    (new, platform, old),
+                )
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        return moved
+
     async def stats(self, platform: str | None = None) -> dict[str, int]:
         """Users, conversations and messages (of one platform, or all)."""
         where, args = (" WHERE platform=?", (platform,)) if platform else ("", ())

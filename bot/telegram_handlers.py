@@ -79,6 +79,7 @@ class TelegramHandlers:
         # PTB tries them in order and stops at the first match: commands first, then
         # the catch-alls (a private chat's unknown command gets the service's answer).
         return [
+            MessageHandler(filters.StatusUpdate.MIGRATE, self.on_migrate),
             CommandHandler(["start", "help"], self.on_help, filters=new),
             CommandHandler("ask", self.on_ask, filters=new),
             CommandHandler(["reset", "retry"], self.on_conversation_command, filters=new),
@@ -89,6 +90,30 @@ class TelegramHandlers:
         ]
 
     # messages --------------------------------------------------------------------
+    async def on_migrate(self, update: Update, context: Context) -> None:
+        """A group became a supergroup, which has a new chat id: its conversations,
+        messages and our message ids move to the new id, so the chat goes on where it
+        was. Telegram tells both chats; the second finds nothing left to move."""
+        message = update.message
+        if message is None:
+            return
+        if message.migrate_to_chat_id:
+            old, new = message.chat.id, message.migrate_to_chat_id
+        elif message.migrate_from_chat_id:
+            old, new = message.migrate_from_chat_id, message.chat.id
+        else:
+            return
+        moved = await self.service.store.move_chat(PLATFORM, str(old), str(new))
+        if moved:
+            log.info("telegram: chat %s is now %s; %d conversation(s) moved", old, new, moved)
+        chats = self.access.allowed_chats
+        if chats and str(old) in chats and str(new) not in chats:
+            log.warning(
+                "telegram: group %s became supergroup %s: add %s to [telegram] allowed_chats"
+                " to keep answering there",
+                old, new, new,
+            )  # fmt: skip
+
     async def on_text(self, update: Update, context: Context) -> None:
         message = update.message
         if message is None or message.from_user is None or message.text is None:

@@ -323,6 +323,50 @@ async def test_group_context_per_user_keeps_one_conversation_per_member(
     assert keys == [(f"{GROUP}:7",), (f"{GROUP}:8",)]
 
 
+async def upgrade_group(fake: FakeTelegram, old: int, new: int, after_message: int) -> None:
+    """What Telegram sends when a group becomes a supergroup (a new chat id): a service
+    message in each chat, migrate_to_chat_id in the old, migrate_from_chat_id in the new."""
+    ann = {"id": 7, "is_bot": False, "first_name": "Ann"}
+    for chat, kind, key, other, message_id in (
+        (old, "group", "migrate_to_chat_id", new, after_message + 1),
+        (new, "supergroup", "migrate_from_chat_id", old, 1),
+    ):
+        chat_obj = {"id": chat, "type": kind, "title": "Lab"}
+        message = {"message_id": message_id, "date": 1_764_400_000, "chat": chat_obj}
+        fake.queue_update({"message": {**message, "from": ann, key: other}})
+    await settle(fake)
+
+
+async def test_group_upgraded_to_a_supergroup_keeps_its_conversation(
+    fake: FakeTelegram, start_bot: Any
+) -> None:
+    old, new = -4005, -1004005
+    bot = await start_bot()
+    fake.send_text(old, "/ask first question", chat_type="group", user_id=7, first_name="Ann")
+    [first] = await answers(fake, old)
+    await upgrade_group(fake, old, new, first.message_id)
+    fake.send_text(new, "/ask second question", chat_type="supergroup", user_id=7)
+    await answers(fake, new)
+    assert bot.rows("SELECT conv_key, chat_id FROM conversations") == [(str(new), str(new))]
+    store = bot.service.store
+    conversation = await store.open_conversation("telegram", str(new), str(new))
+    history = [m.text for m in await store.history(conversation)]
+    assert history == ["first question", ANSWER, "second question", ANSWER]
+
+
+async def test_upgraded_group_on_the_allow_list_tells_the_admin_its_new_id(
+    fake: FakeTelegram, start_bot: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = -4006, -1004006
+    bot = await start_bot(allowed_chats=(old,))
+    fake.send_text(old, "/ask first question", chat_type="group", user_id=7, first_name="Ann")
+    [first] = await answers(fake, old)
+    with caplog.at_level(logging.WARNING, logger="bot.telegram_handlers"):
+        await upgrade_group(fake, old, new, first.message_id)
+    assert f"add {new} to [telegram] allowed_chats" in caplog.text
+    assert bot.rows("SELECT conv_key, chat_id FROM conversations") == [(str(new), str(new))]
+
+
 async def test_group_keeps_its_budget_while_streaming(fake: FakeTelegram, start_bot: Any) -> None:
     pacing = Pacing(chat_gap_s=0.05, group_budget=6, group_window_s=1.5, group_headroom=2)
     await start_bot("word " * 60, engine={"delay_s": 0.02}, pacing=pacing)
