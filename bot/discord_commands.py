@@ -50,12 +50,17 @@ def add_commands(bot: DiscordBot) -> None:
     @app_commands.describe(question="What you want to ask")
     @contexts
     async def ask(interaction: discord.Interaction, question: str) -> None:
-        await run_command(bot, interaction, question)
+        await run_command(bot, interaction, "ask", question)
 
     @tree.command(name="reset", description="Start a new conversation here")
     @contexts
     async def reset(interaction: discord.Interaction) -> None:
-        await run_command(bot, interaction, None)
+        await run_command(bot, interaction, "reset")
+
+    @tree.command(name="retry", description="Answer your last message here again")
+    @contexts
+    async def retry(interaction: discord.Interaction) -> None:
+        await run_command(bot, interaction, "retry")
 
     @tree.command(name="help", description="How to talk to lorabot")
     @contexts
@@ -113,9 +118,9 @@ async def admitted(bot: DiscordBot, interaction: discord.Interaction) -> bool:
 
 
 async def run_command(
-    bot: DiscordBot, interaction: discord.Interaction, question: str | None
+    bot: DiscordBot, interaction: discord.Interaction, action: str, question: str = ""
 ) -> None:
-    """/ask (a question) or /reset (None): deferred, then answered in the channel."""
+    """/ask (a question), /reset or /retry: deferred, then answered in the channel."""
     if bot.stopping:
         return
     with bot.tracked():
@@ -127,16 +132,18 @@ async def run_command(
             platform="discord",
             chat_id=str(interaction.channel_id),
             user_id=str(interaction.user.id),
-            text=question or "/reset",
+            text=question if action == "ask" else f"/{action}",
             user_name=interaction.user.display_name,
             is_group=interaction.guild_id is not None,
         )
         sink = bot.sink(InteractionTarget(interaction), interaction.channel_id or 0, msg)
         try:
             async with bot.in_order(msg.chat_id):
-                if question is None:
+                if action == "reset":
                     await bot.service.reset(msg)
                     await sink.notice(RESET_DONE)
+                elif action == "retry":
+                    await bot.service.retry(msg, sink)
                 elif not question.strip():
                     await sink.notice(NO_QUESTION)
                 else:
@@ -147,7 +154,7 @@ async def run_command(
             await sink.interrupt(INTERRUPTED)
             raise
         except Exception:
-            log.exception("discord: /%s failed", "ask" if question is not None else "reset")
+            log.exception("discord: /%s failed", action)
             await reply_failed(interaction)
         finally:
             await sink.close()

@@ -235,7 +235,7 @@ async def test_slash_ask_defers_then_answers_in_the_channel(world: World) -> Non
     bot = await world.start()
     channel = guild.text_channel_id
     names = sorted(c["name"] for c in world.fake.commands())
-    assert names == ["ask", "forget", "help", "reset", "stats"]
+    assert names == ["ask", "forget", "help", "reset", "retry", "stats"]
     record = await world.fake.slash_command(
         "ask", {"question": "Capital of France?"}, "dana", channel
     )
@@ -251,6 +251,24 @@ async def test_slash_ask_defers_then_answers_in_the_channel(world: World) -> Non
     await world.fake.wait_for(lambda: len(bot.rows()) == 4)
     chain = ["Capital of France?", ANSWER, "and Germany?", ANSWER]
     assert await bot.chain_of(channel, second.id) == chain
+
+
+async def test_slash_retry_answers_the_last_message_again(world: World) -> None:
+    """What the failure message suggests (/retry) is a slash command too."""
+    guild = world.fake.add_guild("lab")
+    bot = await world.start()
+    channel = guild.text_channel_id
+    await world.fake.slash_command("ask", {"question": "Capital of France?"}, "dana", channel)
+    await world.fake.wait_for(lambda: len(bot.rows()) == 2)
+    record = await world.fake.slash_command("retry", None, "dana", channel)
+    await world.fake.wait_for(lambda: record.original and record.original.content == ANSWER)
+    assert [m.content for m in world.fake.bot_messages(channel)] == [ANSWER, ANSWER]
+    await world.fake.wait_for(lambda: len(bot.rows()) == 3)
+    assert bot.rows() == [
+        ("user", "Capital of France?"),
+        ("assistant", ANSWER),
+        ("assistant", ANSWER),
+    ]
 
 
 async def test_reply_chain_continues_from_the_store(world: World) -> None:
