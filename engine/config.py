@@ -192,11 +192,11 @@ def _build(cls: type[T], section: str, raw: dict[str, Any], problems: list[str])
     try:
         # Built even after type errors (with those keys at their defaults) so that range
         # problems of the other keys are reported in the same run.
-        section = cls(**kwargs)
+        built = cls(**kwargs)
     except ConfigError as exc:
         problems.extend(str(exc).splitlines())
         return None
-    return section if ok else None
+    return built if ok else None
 
 
 def _convert(value: Any, hint: Any) -> tuple[Any, str | None]:

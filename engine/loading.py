@@ -101,7 +101,7 @@ def convert_gguf(gguf: Path, root: Path, name: str) -> Path:
         )
         # The weights are dequantized now; drop the GGUF marker so they can be saved.
         model.config.__dict__.pop("quantization_config", None)
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # typed as a submodule slot
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -171,7 +171,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if quant is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' wrapper types `to` oddly
     adapter_name = ""
     if cfg.adapter:
         model, adapter_name = attach_adapter(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from engine.types import Completion, EngineError, EngineStalled
 
@@ -76,10 +76,10 @@ class TextStream:
     def set_cancel_callback(self, callback: Callable[[], None]) -> None:
         self._on_cancel = callback
 
-    def __aiter__(self) -> AsyncIterator[str]:
+    def __aiter__(self) -> AsyncGenerator[str, None]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[str]:
+    async def _iterate(self) -> AsyncGenerator[str, None]:
         finished = False
         try:
             while True:

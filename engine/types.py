@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -114,6 +114,6 @@ class Engine(Protocol):
 class TextStreamLike(Protocol):
     completion: Completion | None
 
-    def __aiter__(self) -> AsyncIterator[str]: ...
+    def __aiter__(self) -> AsyncGenerator[str, None]: ...
 
     def cancel(self) -> None: ...
