@@ -15,8 +15,10 @@ Decoding is pipelined on a GPU ("async output"): step t+1 is queued with step t'
 sampled ids still on the device, and only then does the host wait for step t's ids and
 detokenize, stream and check them, while the device runs step t+1. A sequence that
 finished at step t has had step t+1 run for it too: that row is dropped unseen (never
-streamed, counted or recorded as slot content). Steps chain only while the batch stays
-the same; a prefill, a cancellation or a sequence ending drains the pipeline first.
+streamed, counted or recorded as slot content). Steps chain while the batch stays
+the same, or loses only rows that end by length at step t (known before it is read:
+step t+1 runs for the others); a prefill, a cancellation or a stop (seen only once step
+t is read) drains the pipeline first.
 """
 
 from __future__ import annotations
@@ -265,11 +267,15 @@ class BatchScheduler:
 
     def _decode_step(self) -> None:
         """Queue the next decode step, then publish the previous one while the device runs
-        it; when the batch has changed (or pipelining is off) publish first."""
+        it; when the batch has changed (or pipelining is off) publish first. Rows that
+        end at the previous step by length (known before it is read) are left out of
+        the next one, so a reply reaching its budget does not stall the others."""
         previous, self._pending = self._pending, None
-        if previous is not None and self._can_chain(previous):
-            self._pending = self._launch(previous.batch, after=previous)
-            self.overlapped_steps += 1
+        if previous is not None and self.pipelined and previous.batch == self.decoding:
+            going_on = self._going_on(previous)
+            if going_on:
+                self._pending = self._launch(going_on, after=previous)
+                self.overlapped_steps += 1
             self._publish(previous)
             if not self.decoding:
                 self._pending = None  # every row has finished: nothing to read there
@@ -284,14 +290,12 @@ class BatchScheduler:
         else:
             self._publish(step)
 
-    def _can_chain(self, step: DecodeStep) -> bool:
-        """Whether the next step may start before `step` is read: only for the same
-        batch, and only if no row reaches its length limit at `step` (a step past the
-        budget would be thrown away; one past the slot would write outside the cache)."""
-        if not self.pipelined or step.batch != self.decoding:
-            return False
+    def _going_on(self, step: DecodeStep) -> list[Sequence]:
+        """The rows of `step` that may take one more step before it is read: not those
+        reaching their budget at `step` (their next token would be thrown away) or the
+        end of their slot (it would be written outside the cache)."""
         limit = self.runner.slot_tokens
-        return all(len(s.generated) + 1 < s.budget and s.position + 1 < limit for s in step.batch)
+        return [s for s in step.batch if len(s.generated) + 1 < s.budget and s.position + 1 < limit]
 
     def _launch(self, batch: list[Sequence], after: DecodeStep | None = None) -> DecodeStep:
         """Queue one decode step for `batch`. Its inputs are the tokens the host accepted,
@@ -311,10 +315,16 @@ class BatchScheduler:
             tokens, slots, positions = inputs[0], inputs[1], inputs[2]
         else:
             tokens, slots, positions = after.tokens, after.slots, after.positions + 1
+            rows = list(range(len(batch)))
+            if batch != after.batch:  # some rows ended at `after`: the others' rows
+                where = {id(s): row for row, s in enumerate(after.batch)}
+                rows = [where[id(s)] for s in batch]
+                pick = upload(rows, device)
+                tokens, slots, positions = tokens[pick], slots[pick], positions[pick]
             # The repetition penalty also counts the token the host has not read yet.
             seen = [
                 None if t is None else torch.cat([t, after.tokens[row : row + 1]])
-                for row, t in enumerate(seen)
+                for row, t in zip(rows, seen, strict=True)
             ]
         if self.graphs is not None:
             logits = self.graphs.run(tokens, slots, positions).clone()
