@@ -8,7 +8,7 @@ with the dispatcher on and off.
 Each product runs with the prologue llama.py gives it (RMSNorm of the rows before qkv,
 gate_up and lm_head; silu(gate) * up before down): torch runs it as its own kernel, the
 Triton kernel fused. Each is timed as a CUDA graph cycling through copies of the weight
-that together outgrow L2 (engine.skinny_gemm.search, what engine start runs). A failing
+that together outgrow L2 (engine.skinny_calibrate.search, what engine start runs). A failing
 variant is printed and skipped; the run goes on.
 """
 
@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.linear import Prologue, unfused  # noqa: E402
-from engine.skinny_gemm import column_tiles, search, skinny_matmul  # noqa: E402
+from engine.skinny_calibrate import search  # noqa: E402
+from engine.skinny_gemm import column_tiles, skinny_matmul  # noqa: E402
 
 # (name, N, K, with the residual added as in llama.py's addmm, prologue kind)
 SHAPES = [

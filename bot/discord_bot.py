@@ -274,30 +274,25 @@ class DiscordBot(discord.Client):
     # reactions ---------------------------------------------------------------------------
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
         """👍/👎 on one of our answers is a rating (raw: works for uncached messages)."""
-        rating = rating_of(payload.emoji)
-        if rating is None or self.user is None or payload.user_id == self.user.id:
-            return
-        if payload.member is not None and payload.member.bot:
-            return
-        with self.tracked():
-            try:
-                await self._rate(payload, rating)
-            except Exception:
-                log.exception("discord: rating on %s failed", payload.message_id)
+        if payload.member is None or not payload.member.bot:
+            await self._on_reaction(payload, withdraw=False)
 
     async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
         """A 👍/👎 taken back withdraws that rating (if it was the user's latest)."""
+        await self._on_reaction(payload, withdraw=True)
+
+    async def _on_reaction(self, payload: discord.RawReactionActionEvent, withdraw: bool) -> None:
         rating = rating_of(payload.emoji)
         if rating is None or self.user is None or payload.user_id == self.user.id:
             return
         with self.tracked():
             try:
-                await self._rate(payload, rating, withdraw=True)
+                await self._rate(payload, rating, withdraw)
             except Exception:
-                log.exception("discord: withdrawing a rating on %s failed", payload.message_id)
+                log.exception("discord: rating on %s failed", payload.message_id)
 
     async def _rate(
-        self, payload: discord.RawReactionActionEvent, rating: int, *, withdraw: bool = False
+        self, payload: discord.RawReactionActionEvent, rating: int, withdraw: bool
     ) -> None:
         if payload.guild_id is None:
             place = Place(None, (payload.channel_id,))

@@ -41,32 +41,10 @@ def kernel_settings(batch: int) -> tuple[int, int, int, int]:
     return 128, 32, 2, 3
 
 
-# Batches up to this size take `rope_decode_attention` (one kernel for RoPE, the cache
-# write, attention and the merge); above it, every split program's barrier and atomic
+# Batches up to this size take attention_triton.triton_rope_decode_attention (one kernel
+# for RoPE, the cache write, attention and the merge); above it, every split program's barrier and atomic
 # cost more than a merge kernel (batch 64: 145 -> 162 us per layer on an H200).
 FUSED_ROPE_ROWS = 4
-
-
-def rope_decode_attention(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    lengths: torch.Tensor,
-    heads: int,
-    counters: torch.Tensor,
-) -> torch.Tensor:
-    """Decode attention from the q/k/v product's rows (B, (H + 2K) * D) on CUDA: RoPE
-    at position length - 1, the new key and value written to the caches, attention
-    over `length` positions -> (B, H, D). counters: B * K int32 zeros, left at zero."""
-    from engine.attention_triton import triton_rope_decode_attention
-
-    settings = kernel_settings(qkv.shape[0])
-    return triton_rope_decode_attention(
-        qkv, cos, sin, k_cache, v_cache, slots, lengths, heads, counters, settings
-    )
 
 
 def decode_attention(

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from engine.llama import LlamaRunner, Plan
+    from engine.llama import LlamaRunner
+    from engine.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ MIXED_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # One capture at a time in a process (two engines starting together, or an engine's
-# start-up timing captures, engine/skinny_gemm.py); each in "thread_local" mode, so work
+# start-up timing captures, engine/skinny_calibrate.py); each in "thread_local" mode, so work
 # another thread queues meanwhile cannot invalidate it.
 CAPTURE_LOCK = threading.Lock()
 
@@ -131,7 +132,7 @@ class MixedGraphs(_Graphs):
     from CUDA graphs, one per bucket of rows."""
 
     def __init__(self, runner: LlamaRunner, max_rows: int, scratch_slot: int) -> None:
-        from engine.llama import Pad
+        from engine.plan import Pad
 
         super().__init__(mixed_buckets(max_rows))
         self._runner = runner

@@ -184,8 +184,8 @@ def test_rope_decode_attention_matches_the_separate_kernels(heads: int, kv_heads
     """bf16 on the GPU: one kernel for RoPE, the cache write, attention and the merge
     gives what the RoPE + cache kernel then the split and merge kernels give, twice in
     a row (its counters go back to zero)."""
-    from engine.attention import FUSED_ROPE_ROWS, kernel_settings, rope_decode_attention
-    from engine.attention_triton import triton_decode_attention
+    from engine.attention import FUSED_ROPE_ROWS, kernel_settings
+    from engine.attention_triton import triton_decode_attention, triton_rope_decode_attention
     from engine.fused_triton import rope_into_cache
 
     torch.manual_seed(4)
@@ -205,10 +205,11 @@ def test_rope_decode_attention_matches_the_separate_kernels(heads: int, kv_heads
         qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, device="cuda").to(torch.bfloat16)
         k_ref, v_ref = k_cache.clone(), v_cache.clone()
         q = rope_into_cache(qkv, cos, sin, length - 1, slot, k_ref, v_ref, heads, kv_heads)
-        ref = triton_decode_attention(q, k_ref, v_ref, slot, length, *kernel_settings(batch))
+        settings = kernel_settings(batch)
+        ref = triton_decode_attention(q, k_ref, v_ref, slot, length, *settings)
         for _ in range(2):
-            out = rope_decode_attention(
-                qkv, cos, sin, k_cache, v_cache, slot, length, heads, counters
+            out = triton_rope_decode_attention(
+                qkv, cos, sin, k_cache, v_cache, slot, length, heads, counters, settings
             )
             assert torch.equal(v_cache, v_ref), lengths  # the value: copied as is
             torch.testing.assert_close(k_cache, k_ref)  # the key: RoPE, the same roundings

@@ -17,13 +17,11 @@ import torch
 # Triton comes with CUDA builds of torch, not with the CPU build CI installs.
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
+from engine.skinny_calibrate import Group, calibrate, candidates  # noqa: E402
 from engine.skinny_gemm import (  # noqa: E402
-    Group,
     Kernel,
     SkinnyGemm,
     Tile,
-    calibrate,
-    candidates,
     skinny_matmul,
     torch_linear,
 )
