@@ -1,4 +1,6 @@
-"""Decode attention on the GPU: the Triton split-K kernel's settings, swept per batch size.
+"""Decode attention on the GPU: the Triton split-K kernel's settings, swept per batch size
+(fixed-size or equal splits, grid batch-first or heads-first), and the engine's own
+setting with programmatic dependent launch on and off.
 
 Each setting runs inside a CUDA graph over all 32 layers' caches in turn (as in a decode
 step: no launch overhead, nothing left in L2), on sequences of random lengths. Prints
@@ -16,27 +18,82 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.attention import reference_attention  # noqa: E402
+from engine import pdl  # noqa: E402
+from engine.attention import Settings, kernel_settings, reference_attention  # noqa: E402
 from engine.attention_triton import triton_decode_attention  # noqa: E402
+
+
+def sweep(batch: int) -> list[Settings]:
+    """Fixed-size splits (the cache cut every `split` keys) and equal splits per sequence
+    (`parts`); past one sequence, each with the grid batch first and heads first."""
+    if batch == 1:
+        fixed = itertools.product((64, 128), (32, 64), (4, 8), (False,))
+        equal = itertools.product((8, 16, 32), (32, 64), (4, 8), (False,))
+    else:
+        fixed = itertools.product((64, 128, 256), (16, 32), (2, 4), (False, True))
+        equal = itertools.product((1, 2, 4, 8), (16, 32, 64), (2, 4), (False, True))
+    return [Settings(split, block, w, 3, 0, first) for split, block, w, first in fixed] + [
+        Settings(0, block, w, 3, parts, first) for parts, block, w, first in equal
+    ]
+
+
+def label(settings: Settings) -> str:
+    cut = f"parts{settings.parts}" if settings.parts else f"split{settings.split}"
+    order = " heads-first" if settings.heads_first else ""
+    return f"{cut}/{settings.block_n}/{settings.warps}/{settings.stages}{order}"
+
+
+def time_layers(
+    settings: Settings,
+    q: torch.Tensor,
+    caches: tuple,
+    slot_ids: torch.Tensor,
+    lengths: torch.Tensor,
+) -> float:
+    """us per layer: every layer's attention in turn, replayed as one CUDA graph."""
+    k_cache, v_cache = caches
+
+    def step() -> None:
+        for layer in range(k_cache.shape[0]):
+            triton_decode_attention(q, k_cache[layer], v_cache[layer], slot_ids, lengths, settings)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / 5 / k_cache.shape[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--cases", nargs="+", help="only these cases (e.g. b64_ctx300-500)")
+    parser.add_argument(
+        "--no-pdl", action="store_true", help="the sweep without programmatic dependent launch"
+    )
     args = parser.parse_args()
+    pdl.ALLOWED = not args.no_pdl
     torch.manual_seed(0)
     heads, dim, slots, tokens = 32, 128, 65, 2048
     shape = (args.layers, slots, tokens, heads, dim)
     k_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     v_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, Any] = {"pdl_enabled": pdl.enabled(k_cache.device)}
     cases = {
         "b1_ctx128": (1, 128, 128),
         "b1_ctx1300": (1, 1300, 1300),
@@ -45,8 +102,9 @@ def main() -> None:
         "b64_ctx100-900": (64, 100, 900),
         "b64_ctx300-500": (64, 300, 500),
     }
-    settings = list(itertools.product((64, 128, 256, 512, 2048), (16, 32, 64), (2, 4, 8), (2, 3)))
     for name, (batch, low, high) in cases.items():
+        if args.cases and name not in args.cases:
+            continue
         gen = torch.Generator().manual_seed(batch)
         lengths = torch.randint(low, high + 1, (batch,), generator=gen).cuda()
         slot_ids = torch.randperm(slots - 1, generator=gen)[:batch].cuda()
@@ -54,54 +112,40 @@ def main() -> None:
         expected = reference_attention(q, k_cache[0], v_cache[0], slot_ids, lengths).float()
         moved = int(lengths.sum()) * heads * dim * 2 * 2  # K and V, one layer
         timings = {}
-        for split, block, warps, stages in settings:
-            if block > split:
-                continue
-
-            def step(
-                split=split, block=block, warps=warps, stages=stages, q=q, s=slot_ids, n=lengths
-            ) -> None:
-                for layer in range(args.layers):
-                    triton_decode_attention(
-                        q, k_cache[layer], v_cache[layer], s, n,
-                        split, block, warps, stages,
-                    )  # fmt: skip
-
+        for settings in sweep(batch):
             try:
                 out = triton_decode_attention(
-                    q, k_cache[0], v_cache[0], slot_ids, lengths, split, block, warps, stages
+                    q, k_cache[0], v_cache[0], slot_ids, lengths, settings
                 ).float()
                 error = ((out - expected).norm() / expected.norm()).item()
                 if not error < 2e-2:
-                    print(f"{name} {split}/{block}/{warps}/{stages}: error {error:.2g}")
+                    print(f"{name} {label(settings)}: error {error:.2g}")
                     continue
-                step()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                graph.replay()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(5):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                us = start.elapsed_time(end) * 1000 / 5 / args.layers
+                us = time_layers(settings, q, (k_cache, v_cache), slot_ids, lengths)
             except Exception as exc:  # noqa: BLE001 - a setting that does not compile
-                print(f"{name} {split}/{block}/{warps}/{stages}: {type(exc).__name__}")
+                print(f"{name} {label(settings)}: {type(exc).__name__}")
                 continue
-            timings[f"{split}/{block}/{warps}/{stages}"] = round(us, 2)
+            timings[label(settings)] = round(us, 2)
         ranked = sorted(timings.items(), key=lambda kv: kv[1])
-        current = timings.get("128/32/4/3", math.nan)
+        engine = kernel_settings(batch)
+        current = timings.get(label(engine), math.nan)
         best_key, best_us = ranked[0]
+        # The engine's setting with programmatic dependent launch off (engine/pdl.py).
+        pdl.ALLOWED = False
+        try:
+            no_pdl = time_layers(engine, q, (k_cache, v_cache), slot_ids, lengths)
+        finally:
+            pdl.ALLOWED = not args.no_pdl
         print(
-            f"{name:16} current 128/32/4/3 {current:7.1f} us ({moved / current / 1e6:.2f} TB/s)"
-            f"  best {best_key} {best_us:7.1f} us ({moved / best_us / 1e6:.2f} TB/s)"
-            f"  next: {', '.join(f'{k} {v}' for k, v in ranked[1:6])}"
+            f"{name:16} engine {label(engine)} {current:7.1f} us ({moved / current / 1e6:.2f} TB/s;"
+            f" without PDL {no_pdl:.1f})  best {best_key} {best_us:7.1f} us"
+            f" ({moved / best_us / 1e6:.2f} TB/s)"
+            f"  next: {', '.join(f'{k} {v}' for k, v in ranked[1:6])}",
+            flush=True,
         )
-        results[name] = {"current_us": current, "best": best_key, "best_us": best_us,
-                         "bytes_per_layer": moved, "all": timings}  # fmt: skip
+        results[name] = {"engine": label(engine), "engine_us": current, "engine_no_pdl_us": no_pdl,
+                         "best": best_key, "best_us": best_us, "bytes_per_layer": moved,
+                         "all": timings}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attention-bench.json").write_text(json.dumps(results, indent=1) + "\n")
 

@@ -1,9 +1,9 @@
 """Decode's skinny matrix products on the GPU: cuBLAS against engine/skinny_gemm.py's
 Triton kernel for the LLaMA-7B weight shapes and M = 1..64 rows, as bandwidth next to
 a plain device-to-device copy; then the graph-replayed 7B decode step (random weights)
-with the dispatcher on and off.
+with the dispatcher on and off, and on with programmatic dependent launch off.
 
-    python benchmarks/gemv_bench.py [--out DIR] [--skip-decode]
+    python benchmarks/gemv_bench.py [--out DIR] [--skip-decode] [--skip-shapes]
 
 Each product runs with the prologue llama.py gives it (RMSNorm of the rows before qkv,
 gate_up and lm_head; silu(gate) * up before down): torch runs it as its own kernel, the
@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import pdl, skinny_calibrate  # noqa: E402
 from engine.linear import Prologue, unfused  # noqa: E402
 from engine.skinny_calibrate import search  # noqa: E402
 from engine.skinny_gemm import column_tiles, skinny_matmul  # noqa: E402
@@ -77,7 +78,13 @@ def relative_error(
 
 
 def bench_shape(
-    name: str, n: int, k: int, with_bias: bool, kind: str, copy_tbps: float
+    name: str,
+    n: int,
+    k: int,
+    with_bias: bool,
+    kind: str,
+    copy_tbps: float,
+    row_counts: tuple[int, ...] = ROWS,
 ) -> list[dict]:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     copies = max(2, -(-4 * l2 // (n * k * 2)))
@@ -90,7 +97,7 @@ def bench_shape(
     elif kind == "glu":
         prologue = Prologue(glu=True)
     rows = []
-    for m in ROWS:
+    for m in row_counts:
         try:
             trials = search(weights, m, with_bias, kind, stream)
             torch_us, best = trials[0].us, min(trials[1:], key=lambda t: t.us, default=None)
@@ -140,7 +147,7 @@ def print_row(row: dict, copy_tbps: float) -> None:
     )
 
 
-def bench_shapes(copy_tbps: float) -> list[dict]:
+def bench_shapes(copy_tbps: float, row_counts: tuple[int, ...] = ROWS) -> list[dict]:
     print(
         f"\n{'shape':>13} {'M':>3} {'torch us':>9} {'TB/s':>6} {'%copy':>6} {'rel err':>8}"
         f" {'triton us':>9} {'TB/s':>6} {'%copy':>6} {'rel err':>8} {'speedup':>7}  best kernel"
@@ -149,7 +156,7 @@ def bench_shapes(copy_tbps: float) -> list[dict]:
     started = time.perf_counter()
     for name, n, k, with_bias, kind in SHAPES:
         try:
-            rows += bench_shape(name, n, k, with_bias, kind, copy_tbps)
+            rows += bench_shape(name, n, k, with_bias, kind, copy_tbps, row_counts)
         except Exception:  # noqa: BLE001
             print(f"{name}: FAILED\n{traceback.format_exc()}", flush=True)
         torch.cuda.empty_cache()
@@ -190,12 +197,18 @@ def bench_decode() -> dict:
     for line in decisions:
         print("  " + line)
     logits = {}
-    for mode, linear in (("torch", plain), ("dispatcher", dispatcher)):
+    modes = (("torch", plain, True), ("dispatcher", dispatcher, True))
+    modes += (("dispatcher_no_pdl", dispatcher, False),)  # engine/pdl.py switched off
+    for mode, linear, with_pdl in modes:
         runner.decode_linear = linear
+        pdl.ALLOWED = with_pdl
         try:
-            result[mode], logits[mode] = time_decode(runner, DecodeGraphs)
+            result[mode], found = time_decode(runner, DecodeGraphs)
+            logits.setdefault(mode.removesuffix("_no_pdl"), found)
         except Exception:  # noqa: BLE001
             print(f"decode with {mode}: FAILED\n{traceback.format_exc()}", flush=True)
+        finally:
+            pdl.ALLOWED = True
         torch.cuda.empty_cache()
     if len(logits) == 2:
         a, b = logits["torch"].double(), logits["dispatcher"].double()
@@ -203,11 +216,12 @@ def bench_decode() -> dict:
         result["argmax_agree"] = float((a.argmax(-1) == b.argmax(-1)).double().mean().item())
         print(f"logits, dispatcher vs torch: relative difference {result['logits_rel_diff']:.2e}"
               f", argmax agreement {result['argmax_agree']:.3f}")  # fmt: skip
-    print(f"\n{'batch':>5} {'torch ms':>9} {'dispatcher ms':>14} {'speedup':>8}")
+    print(f"\n{'batch':>5} {'torch ms':>9} {'dispatcher ms':>14} {'speedup':>8} {'no PDL ms':>10}")
     for batch in DECODE_BATCHES:
         t, d = result.get("torch", {}).get(batch), result.get("dispatcher", {}).get(batch)
+        off = result.get("dispatcher_no_pdl", {}).get(batch, float("nan"))
         if t and d:
-            print(f"{batch:5} {t:9.3f} {d:14.3f} {t / d:7.3f}x")
+            print(f"{batch:5} {t:9.3f} {d:14.3f} {t / d:7.3f}x {off:10.3f}")
     return result
 
 
@@ -242,6 +256,16 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, help="folder for gemv-bench.json")
     parser.add_argument("--skip-decode", action="store_true", help="only the kernel table")
+    parser.add_argument("--skip-shapes", action="store_true", help="only the decode step")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=list(ROWS), help="row counts for the kernel table"
+    )
+    parser.add_argument(
+        "--try-dot-tiles",
+        type=json.loads,
+        default=[],
+        help="extra tensor-core tiles to try, JSON [[N, K, warps, stages], ...]",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)  # a candidate kernel that fails says why
     import triton
@@ -255,7 +279,11 @@ def main() -> None:
     print(json.dumps(report))
     report["copy_tbps"] = copy_bandwidth()
     print(f"device-to-device copy: {report['copy_tbps']:.2f} TB/s (bytes read + written)")
-    report["shapes"] = bench_shapes(report["copy_tbps"])
+    if args.try_dot_tiles:
+        skinny_calibrate.DOT_TILES += tuple(tuple(t) for t in args.try_dot_tiles)
+        report["dot_tiles"] = skinny_calibrate.DOT_TILES
+    if not args.skip_shapes:
+        report["shapes"] = bench_shapes(report["copy_tbps"], tuple(args.rows))
     if not args.skip_decode:
         try:
             report["decode"] = bench_decode()

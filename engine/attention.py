@@ -19,7 +19,7 @@ import functools
 import importlib.util
 import inspect
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +28,32 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _HAS_ATEN_FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")
 
 
-def kernel_settings(batch: int) -> tuple[int, int, int, int]:
-    """(keys per split, keys per block, warps, stages) for a batch of this size: short
-    splits (more parallelism) for a few sequences, fewer warps once the batch alone
-    fills the GPU. Measured on an H200 with benchmarks/attention_bench.py (batch 64:
-    2.1 -> 3.0 TB/s of K/V read against the single setting used before; batch 1: 12.4
-    -> 8.6 us per layer at 128 tokens)."""
+class Settings(NamedTuple):
+    """How the Triton decode-attention kernel (engine/attention_triton.py) cuts its work."""
+
+    split: int  # keys per split (with parts = 0)
+    block_n: int  # keys per block of the online softmax
+    warps: int = 4
+    stages: int = 3
+    parts: int = 0  # > 0: each sequence cut into this many equal splits (a power of two)
+    heads_first: bool = False  # grid (kv head, batch, split) instead of (batch, kv head, split)
+
+
+def kernel_settings(batch: int) -> Settings:
+    """How to cut decode attention for a batch of this size, measured on an H200 with
+    benchmarks/attention_bench.py (results in benchmarks/results/attention-bench-*.json).
+    A few sequences: each cut into 32 equal splits of whole blocks (batch 1, 128 keys:
+    8.2 -> 6.3 us per layer against splits of 64 keys, which leave most of the 32 split
+    programs of a 2048-key slot empty). Larger batches fill the GPU with sequences: long
+    fixed splits, fewer warps, and the grid heads first, so programs that start
+    together read neighbouring heads of the same tokens."""
     if batch <= 4:
-        return 64, 32, 4, 3
+        return Settings(0, 32, 4, 3, parts=32)
     if batch <= 16:
-        return 64, 32, 2, 3
-    return 128, 32, 2, 3
+        return Settings(64, 32, 2, 3, heads_first=True)
+    if batch <= 32:
+        return Settings(128, 32, 2, 3, heads_first=True)
+    return Settings(256, 32, 2, 3, heads_first=True)
 
 
 # Batches up to this size take attention_triton.triton_rope_decode_attention (one kernel
@@ -59,7 +74,7 @@ def decode_attention(
         from engine.attention_triton import triton_decode_attention
 
         return triton_decode_attention(
-            q, k_cache, v_cache, slots, lengths, *kernel_settings(q.shape[0])
+            q, k_cache, v_cache, slots, lengths, kernel_settings(q.shape[0])
         )
     return gathered_decode_attention(q, k_cache, v_cache, slots, lengths)
 

@@ -24,6 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine import pdl
+from engine.attention import Settings
+
 
 @triton.jit
 def _rotate(base, d, cos, sin, partner, sign):
@@ -44,19 +47,33 @@ def _split_kernel(
     stride_ob, stride_oh,
     scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
-    ROPE: tl.constexpr, MERGE: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, PARTS: tl.constexpr,
+    HEADS_FIRST: tl.constexpr, ROPE: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """ROPE: Q is the (B, (H + 2K) * D) q/k/v row, un-rotated, and this sequence's new
-    key and value (at position length - 1) are not in the cache yet. MERGE: the last
-    split program of (b, kv head) merges the splits into Out."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    """SPLIT keys per split, or (PARTS) each sequence cut into NSPLIT equal splits of
+    whole blocks. HEADS_FIRST: the grid is (kv head, batch, split), so programs that
+    start together read neighbouring heads of the same tokens. ROPE: Q is the
+    (B, (H + 2K) * D) q/k/v row, un-rotated, and this sequence's new key and value (at
+    position length - 1) are not in the cache yet. MERGE: the last split program of
+    (b, kv head) merges the splits into Out."""
+    pdl.start(PDL)
+    if HEADS_FIRST:
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+        kv_heads = tl.num_programs(0)
+    else:
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
-    kv_heads = tl.num_programs(1)
+    pdl.wait(PDL)
     length = tl.load(Lens + b)
     slot = tl.load(Slots + b).to(tl.int64)
-    start = split * SPLIT
+    if PARTS:
+        span = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_N) * BLOCK_N
+    else:
+        span = SPLIT
+    start = split * span
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
     heads = kvh * GROUP + tl.minimum(g, GROUP - 1)  # padded heads re-read the last one
@@ -71,7 +88,7 @@ def _split_kernel(
             sign = tl.where(d < D // 2, -1.0, 1.0)
             row = Q + b * stride_qb
             q = _rotate(row + heads * D, d, cos, sin, partner, sign).to(tl.float32)
-            if pos < start + SPLIT:  # this split holds the new position: cache it first
+            if pos < start + span:  # this split holds the new position: cache it first
                 one = tl.zeros([1], tl.int32)  # (1, D) rows for _rotate
                 k_row = row + (kv_heads * GROUP + kvh) * D + one
                 key = _rotate(k_row, d, cos, sin, partner, sign)
@@ -90,7 +107,7 @@ def _split_kernel(
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         s = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
-        end = tl.minimum(start + SPLIT, length)
+        end = tl.minimum(start + span, length)
         for block in range(start, end, BLOCK_N):
             n = block + tl.arange(0, BLOCK_N)
             n_ok = n < end
@@ -154,7 +171,12 @@ def _merge_head(Acc, Stats, row, d, D: tl.constexpr, NSPLIT: tl.constexpr, CACHE
 
 
 @triton.jit
-def _merge_kernel(Acc, Stats, Out, stride_ob, stride_oh, H, D: tl.constexpr, NSPLIT: tl.constexpr):
+def _merge_kernel(
+    Acc, Stats, Out, stride_ob, stride_oh, H, D: tl.constexpr, NSPLIT: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    pdl.start(PDL)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
@@ -170,21 +192,28 @@ def _launch(
     lengths: torch.Tensor,
     heads: int,
     out: torch.Tensor,
-    settings: tuple[int, int, int, int],
+    settings: Settings,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     counters: torch.Tensor | None = None,
 ) -> None:
     batch, dim = lengths.shape[0], k_cache.shape[-1]
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
-    split_tokens, block_n, warps, stages = settings
-    nsplit = triton.next_power_of_2(triton.cdiv(k_cache.shape[1], split_tokens))
+    if settings.parts:
+        nsplit = settings.parts
+        assert nsplit == triton.next_power_of_2(nsplit), settings
+    else:
+        nsplit = triton.next_power_of_2(triton.cdiv(k_cache.shape[1], settings.split))
     acc = torch.empty((batch, heads, nsplit, dim), dtype=torch.float32, device=q.device)
     stats = torch.empty((batch, heads, nsplit, 2), dtype=torch.float32, device=q.device)
     if rope is not None and counters is None:
         raise ValueError("the RoPE variant merges its own splits: it needs counters")
     cos, sin = rope if rope is not None else (q, q)
-    _split_kernel[(batch, kv_heads, nsplit)](
+    grid = (kv_heads, batch, nsplit) if settings.heads_first else (batch, kv_heads, nsplit)
+    # PDL (engine/pdl.py) where one kernel does all (few sequences); for the split and
+    # merge pair it measured slower at batch 64 (156.8 against 144.3 us per layer).
+    launch = pdl.launch(q.device) if counters is not None else {"PDL": False}
+    _split_kernel[grid](
         q, k_cache, v_cache, slots, lengths, acc, stats, out,
         counters if counters is not None else lengths, cos, sin,
         q.stride(0), 0 if rope is not None else q.stride(1),  # RoPE: heads are D apart
@@ -193,13 +222,14 @@ def _launch(
         out.stride(0), out.stride(1),
         1.0 / math.sqrt(dim),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=dim,
-        SPLIT=split_tokens, BLOCK_N=block_n, NSPLIT=nsplit,
+        SPLIT=settings.split, BLOCK_N=settings.block_n, NSPLIT=nsplit,
+        PARTS=settings.parts > 0, HEADS_FIRST=settings.heads_first,
         ROPE=rope is not None, MERGE=counters is not None,
-        num_warps=warps, num_stages=stages,
+        num_warps=settings.warps, num_stages=settings.stages, **launch,
     )  # fmt: skip
     if counters is None:
         _merge_kernel[(batch, heads)](
-            acc, stats, out, out.stride(0), out.stride(1), heads, D=dim, NSPLIT=nsplit
+            acc, stats, out, out.stride(0), out.stride(1), heads, D=dim, NSPLIT=nsplit, **launch
         )
 
 
@@ -209,14 +239,10 @@ def triton_decode_attention(
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     lengths: torch.Tensor,
-    split_tokens: int,
-    block_n: int,
-    warps: int = 4,
-    stages: int = 3,
+    settings: Settings,
 ) -> torch.Tensor:
     """q (B, H, D); caches (S, T, K, D); slots, lengths (B,) int -> (B, H, D)."""
     out = torch.empty_like(q)
-    settings = (split_tokens, block_n, warps, stages)
     _launch(q, k_cache, v_cache, slots, lengths, q.shape[1], out, settings)
     return out
 
@@ -231,7 +257,7 @@ def triton_rope_decode_attention(
     lengths: torch.Tensor,
     heads: int,
     counters: torch.Tensor,
-    settings: tuple[int, int, int, int],
+    settings: Settings,
 ) -> torch.Tensor:
     """The decode step's attention straight from the q/k/v product's rows qkv
     (B, (H + 2K) * D): RoPE at position length - 1 (cos, sin: (T, D) tables), the new

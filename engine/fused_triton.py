@@ -12,9 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from engine import pdl
+
 
 @triton.jit
-def _rmsnorm_kernel(X, W, Y, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(X, W, Y, stride_x, stride_y, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -31,8 +35,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.shape[-1]
     _rmsnorm_kernel[(x.shape[0],)](
-        x, weight, y, x.stride(0), y.stride(0), n, eps, BLOCK=triton.next_power_of_2(n)
-    )
+        x, weight, y, x.stride(0), y.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
+        **pdl.launch(x.device),
+    )  # fmt: skip
     return y
 
 
@@ -41,10 +46,12 @@ def _rope_cache_kernel(
     QKV, Cos, Sin, Pos, Slots, Q, KC, VC,
     stride_qkv, stride_q, stride_q_head,
     stride_cs, stride_ct, stride_ch,
-    H: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (row, head among H + K): rotate q into Q; rotate k and copy v
     into the caches at (slot, position)."""
+    pdl.start(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     half = D // 2
@@ -89,13 +96,15 @@ def rope_into_cache(
         qkv, cos, sin, positions, slots, q, k_cache, v_cache,
         qkv.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H=heads, K=kv_heads, D=dim,
+        H=heads, K=kv_heads, D=dim, **pdl.launch(qkv.device),
     )  # fmt: skip
     return q
 
 
 @triton.jit
-def _silu_mul_kernel(GU, Y, stride_gu, stride_y, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GU, Y, stride_gu, stride_y, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -113,6 +122,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     y = torch.empty((batch, n), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(batch, triton.cdiv(n, block))](
-        gate_up, y, gate_up.stride(0), y.stride(0), n, BLOCK=block
+        gate_up, y, gate_up.stride(0), y.stride(0), n, BLOCK=block, **pdl.launch(y.device)
     )
     return y

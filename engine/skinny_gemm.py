@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine import pdl
 from engine.linear import Prologue, torch_linear, unfused
 
 if TYPE_CHECKING:
@@ -52,18 +53,21 @@ class Kernel:
 
 
 @triton.jit
-def _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K: tl.constexpr):
-    """The (BLOCK_N, BLOCK_K) weight tile, streamed past L2, and the (BLOCK_M, BLOCK_K)
-    row tile at K offset k; masked only when K is not a whole number of tiles (split
-    ends fall on whole tiles, so only K itself can cut one)."""
+def _load_w(w_ptrs, k, K, rk, EVEN_K: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) weight tile at K offset k, streamed past L2; masked only
+    when K is not a whole number of tiles (split ends fall on whole tiles, so only K
+    itself can cut one)."""
     if EVEN_K:
-        w = tl.load(w_ptrs, eviction_policy="evict_first")
-        x = tl.load(x_ptrs)
-    else:
-        inside = (k + rk)[None, :] < K
-        w = tl.load(w_ptrs, mask=inside, other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_ptrs, mask=inside, other=0.0)
-    return w, x
+        return tl.load(w_ptrs, eviction_policy="evict_first")
+    return tl.load(w_ptrs, mask=(k + rk)[None, :] < K, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _load_x(x_ptrs, k, K, rk, EVEN_K: tl.constexpr):
+    """The (BLOCK_M, BLOCK_K) row tile at K offset k."""
+    if EVEN_K:
+        return tl.load(x_ptrs)
+    return tl.load(x_ptrs, mask=(k + rk)[None, :] < K, other=0.0)
 
 
 @triton.jit
@@ -100,19 +104,43 @@ def _epilogue(
     tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _row_step(
+    lanes, square_lanes, w, x, x_ptrs, k, K, rk, NormW, NORM: tl.constexpr, GLU: tl.constexpr
+):
+    """One K tile of the one-row product: products (and squares) summed per lane."""
+    if NORM:
+        square_lanes += x.to(tl.float32) * x.to(tl.float32)
+    x = _prologue(x, x_ptrs, k, K, rk, NormW, NORM, GLU)
+    lanes += w.to(tl.float32) * x.to(tl.float32)
+    return lanes, square_lanes
+
+
+@triton.jit
+def _dot_step(acc, squares, w, x, x_ptrs, k, K, rk, NormW, NORM: tl.constexpr, GLU: tl.constexpr):
+    """One K tile on tensor cores (W is the wide operand: y.T = W x.T)."""
+    if NORM:  # a row sum per tile: lanes of BLOCK_M rows would cost registers
+        squares += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+    x = _prologue(x, x_ptrs, k, K, rk, NormW, NORM, GLU)
+    return tl.dot(w, tl.trans(x), acc), squares
+
+
 @triton.jit(do_not_specialize=["M", "k_per_split", "has_bias"])
 def _skinny_kernel(
     X, W, Bias, Y, Part, Squares, Counters, NormW, M, N, K,
     stride_xm, stride_wn, stride_bm, stride_ym, k_per_split, has_bias, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    NORM: tl.constexpr, GLU: tl.constexpr,
+    NORM: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (n, s): columns n*BLOCK_N.. over K range s*k_per_split.. for all M rows;
     the result (plus bias) in Y. When K is split, each program stores an fp32 partial
     in Part (and, NORM, its rows' partial sums of squares in Squares), and the last of
     the column tile's programs to finish, counted in Counters[n], sums them all and
     writes Y. NORM: the rows are RMS-normalised (their sums of squares gathered from the
-    same tiles the product reads); GLU: X holds [gate | up], the rows are silu(gate) * up."""
+    same tiles the product reads); GLU: X holds [gate | up], the rows are silu(gate) * up.
+    PDL (engine/pdl.py): the first weight tile is loaded before waiting for the kernel
+    that writes X, so it streams while that kernel drains."""
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -125,32 +153,39 @@ def _skinny_kernel(
     x_rows = tl.minimum(rm, M - 1)
     w_ptrs = W + w_rows[:, None] * stride_wn + (k_start + rk)[None, :]  # (BLOCK_N, BLOCK_K)
     x_ptrs = X + x_rows[:, None] * stride_xm + (k_start + rk)[None, :]  # (BLOCK_M, BLOCK_K)
+    # Every split has at least one K tile: the first is taken out of the loop, its
+    # weights loaded before the wait (they are not written by any kernel).
+    w = _load_w(w_ptrs, k_start, K, rk, EVEN_K)
+    pdl.wait(PDL)
+    x = _load_x(x_ptrs, k_start, K, rk, EVEN_K)
     squares = tl.zeros((BLOCK_M,), tl.float32)  # NORM: sum of x² over this K range, fp32
     if BLOCK_M == 1:
         # One row: products (and squares) summed per lane, reduced across K once at the end.
         lanes = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         square_lanes = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-        for k in range(k_start, k_end, BLOCK_K):
-            w, x = _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K)
-            if NORM:
-                square_lanes += x.to(tl.float32) * x.to(tl.float32)
-            x = _prologue(x, x_ptrs, k, K, rk, NormW, NORM, GLU)
-            lanes += w.to(tl.float32) * x.to(tl.float32)
+        lanes, square_lanes = _row_step(
+            lanes, square_lanes, w, x, x_ptrs, k_start, K, rk, NormW, NORM, GLU
+        )
+        for k in range(k_start + BLOCK_K, k_end, BLOCK_K):
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            w = _load_w(w_ptrs, k, K, rk, EVEN_K)
+            x = _load_x(x_ptrs, k, K, rk, EVEN_K)
+            lanes, square_lanes = _row_step(
+                lanes, square_lanes, w, x, x_ptrs, k, K, rk, NormW, NORM, GLU
+            )
         acc = tl.sum(lanes, axis=1)[:, None]  # (BLOCK_N, 1)
         if NORM:
             squares = tl.sum(square_lanes, axis=1)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        for k in range(k_start, k_end, BLOCK_K):
-            w, x = _load_tiles(w_ptrs, x_ptrs, k, K, rk, EVEN_K)
-            if NORM:  # a row sum per tile: lanes of BLOCK_M rows would cost registers
-                squares += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
-            x = _prologue(x, x_ptrs, k, K, rk, NormW, NORM, GLU)
-            acc = tl.dot(w, tl.trans(x), acc)  # W is the wide operand: y.T = W x.T
+        acc, squares = _dot_step(acc, squares, w, x, x_ptrs, k_start, K, rk, NormW, NORM, GLU)
+        for k in range(k_start + BLOCK_K, k_end, BLOCK_K):
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            w = _load_w(w_ptrs, k, K, rk, EVEN_K)
+            x = _load_x(x_ptrs, k, K, rk, EVEN_K)
+            acc, squares = _dot_step(acc, squares, w, x, x_ptrs, k, K, rk, NormW, NORM, GLU)
     ok = (rn < N)[:, None] & (rm < M)[None, :]
     splits = tl.num_programs(1)
     if splits == 1:
@@ -240,7 +275,7 @@ def skinny_matmul(
         prologue.eps,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         EVEN_K=k % tile.block_k == 0, NORM=norm, GLU=prologue.glu,
-        num_warps=tile.warps, num_stages=tile.stages,
+        num_warps=tile.warps, num_stages=tile.stages, **pdl.launch(x.device),
     )  # fmt: skip
     return y
 

@@ -19,7 +19,7 @@ pytestmark = [
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(32, 32, 128), (9, 3, 64), (8, 2, 128)])
 def test_triton_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int) -> None:
-    from engine.attention import kernel_settings, reference_attention
+    from engine.attention import Settings, kernel_settings, reference_attention
     from engine.attention_triton import triton_decode_attention
 
     torch.manual_seed(heads)
@@ -30,11 +30,14 @@ def test_triton_decode_attention_matches_reference(heads: int, kv_heads: int, di
     slot_ids = torch.tensor([5, 0, 3, 1, 2], device="cuda")
     lengths = torch.tensor([700, 1, 129, 128, 333], device="cuda")
     ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), slot_ids.cpu(), lengths.cpu())
-    for batch in (1, 8, 64):  # each batch size's kernel settings
-        out = triton_decode_attention(q, k, v, slot_ids, lengths, *kernel_settings(batch))
+    # Each batch size's kernel settings, and equal splits with the grid heads first.
+    variants = [kernel_settings(batch) for batch in (1, 8, 64)]
+    variants += [Settings(64, 32, 2, 3, parts=parts, heads_first=True) for parts in (1, 4, 16)]
+    for settings in variants:
+        out = triton_decode_attention(q, k, v, slot_ids, lengths, settings)
         assert torch.isfinite(out).all()
         error = (out.float().cpu() - ref.float()).norm() / ref.float().norm()
-        assert error < 1e-2, (batch, error)
+        assert error < 1e-2, (settings, error)
 
 
 def gpu_tokenizer() -> Any:
@@ -206,7 +209,7 @@ def test_rope_decode_attention_matches_the_separate_kernels(heads: int, kv_heads
         k_ref, v_ref = k_cache.clone(), v_cache.clone()
         q = rope_into_cache(qkv, cos, sin, length - 1, slot, k_ref, v_ref, heads, kv_heads)
         settings = kernel_settings(batch)
-        ref = triton_decode_attention(q, k_ref, v_ref, slot, length, *settings)
+        ref = triton_decode_attention(q, k_ref, v_ref, slot, length, settings)
         for _ in range(2):
             out = triton_rope_decode_attention(
                 qkv, cos, sin, k_cache, v_cache, slot, length, heads, counters, settings

@@ -84,8 +84,8 @@ for dtype, m, n, k, (bm, bn, bk), split, with_bias, kind in json.loads(sys.argv[
 """
 
 
-def run_interpreted(script: str, cases: list) -> list:
-    """The script's JSON lines, one per case, run under Triton's interpreter."""
+def run_interpreted(script: str, cases: list, per_case: int = 1) -> list:
+    """The script's JSON lines, `per_case` per case, run under Triton's interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", script, json.dumps(cases)],
@@ -97,7 +97,7 @@ def run_interpreted(script: str, cases: list) -> list:
     )
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(results) == len(cases)
+    assert len(results) == per_case * len(cases)
     return results
 
 
@@ -113,11 +113,12 @@ def test_kernel_matches_float64_reference_in_the_interpreter() -> None:
 ATTENTION_CASES = [(4, 4, "bfloat16"), (8, 2, "bfloat16"), (6, 2, "float16")]
 
 # Five sequences in a 64-token cache, in splits of 16 keys (4 splits, blocks of 8):
-# 1 and 5 keys (less than one split), 16 and 64 (whole splits), 37 (a part of one).
+# 1 and 5 keys (less than one split), 16 and 64 (whole splits), 37 (a part of one);
+# then each sequence cut in 4 equal splits of whole blocks, the grid heads first.
 ATTENTION_SCRIPT = """
 import json, sys
 import torch
-from engine.attention import reference_attention
+from engine.attention import Settings, reference_attention
 from engine.attention_triton import triton_decode_attention
 
 torch.manual_seed(0)
@@ -128,18 +129,20 @@ for heads, kv_heads, dtype in json.loads(sys.argv[1]):
     q = torch.randn(5, heads, 32).to(dtype)
     slots = torch.tensor([5, 0, 3, 1, 2])
     lengths = torch.tensor([16, 1, 37, 64, 5])
-    out = triton_decode_attention(q, k, v, slots, lengths, 16, 8)
-    again = triton_decode_attention(q, k, v, slots, lengths, 16, 8)
     ref = reference_attention(q, k, v, slots, lengths).double()
-    error = ((out.double() - ref).norm() / ref.norm()).item()
-    same = torch.equal(out, again)
-    print(json.dumps([str(out.dtype), list(out.shape), error, same]))
+    for settings in (Settings(16, 8), Settings(16, 8, parts=4, heads_first=True)):
+        out = triton_decode_attention(q, k, v, slots, lengths, settings)
+        again = triton_decode_attention(q, k, v, slots, lengths, settings)
+        error = ((out.double() - ref).norm() / ref.norm()).item()
+        same = torch.equal(out, again)
+        print(json.dumps([str(out.dtype), list(out.shape), error, same]))
 """
 
 
 def test_decode_attention_matches_float64_reference_in_the_interpreter() -> None:
-    results = run_interpreted(ATTENTION_SCRIPT, ATTENTION_CASES)
-    for case, (dtype, shape, error, same) in zip(ATTENTION_CASES, results, strict=True):
+    results = run_interpreted(ATTENTION_SCRIPT, ATTENTION_CASES, per_case=2)  # two settings
+    cases = [case for case in ATTENTION_CASES for _ in range(2)]
+    for case, (dtype, shape, error, same) in zip(cases, results, strict=True):
         assert dtype == f"torch.{case[2]}" and shape == [5, case[0], 32], case
         assert error < 1e-2, (case, error)
         assert same, case
@@ -150,7 +153,7 @@ def test_decode_attention_matches_float64_reference_in_the_interpreter() -> None
 ROPE_SCRIPT = """
 import json, sys
 import torch
-from engine.attention import reference_attention
+from engine.attention import Settings, reference_attention
 from engine.attention_triton import triton_rope_decode_attention
 
 def rotate(x, cos, sin):  # transformers' apply_rotary_pos_emb, on (..., D)
@@ -178,13 +181,14 @@ for heads, kv_heads, dtype in json.loads(sys.argv[1]):
     k_ref[slots, lengths - 1] = rotate(new_k.float(), c.float(), s_.float()).to(dtype)
     v_ref[slots, lengths - 1] = new_v
     ref = reference_attention(rotate(q.float(), c.float(), s_.float()).to(dtype), k_ref, v_ref, slots, lengths)
-    settings = (16, 8, 4, 3)
-    out = triton_rope_decode_attention(qkv, cos, sin, k, v, slots, lengths, heads, counters, settings)
-    again = triton_rope_decode_attention(qkv, cos, sin, k, v, slots, lengths, heads, counters, settings)
-    error = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    cache = max((k - k_ref).abs().max().item(), (v - v_ref).abs().max().item())
-    same = torch.equal(out, again) and not counters.any().item()
-    print(json.dumps([list(out.shape), error, cache, same]))
+    for settings in (Settings(16, 8, 4, 3), Settings(16, 8, 4, 3, parts=4, heads_first=True)):
+        k_run, v_run = k.clone(), v.clone()
+        out = triton_rope_decode_attention(qkv, cos, sin, k_run, v_run, slots, lengths, heads, counters, settings)
+        again = triton_rope_decode_attention(qkv, cos, sin, k_run, v_run, slots, lengths, heads, counters, settings)
+        error = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        cache = max((k_run - k_ref).abs().max().item(), (v_run - v_ref).abs().max().item())
+        same = torch.equal(out, again) and not counters.any().item()
+        print(json.dumps([list(out.shape), error, cache, same]))
 """
 
 
@@ -194,8 +198,9 @@ ROPE_CASES = [(4, 4, "float32"), (8, 2, "float16"), (6, 2, "float16")]
 
 
 def test_rope_decode_attention_caches_the_new_token_in_the_interpreter() -> None:
-    results = run_interpreted(ROPE_SCRIPT, ROPE_CASES)
-    for case, (shape, error, cache, same) in zip(ROPE_CASES, results, strict=True):
+    results = run_interpreted(ROPE_SCRIPT, ROPE_CASES, per_case=2)  # two settings
+    cases = [case for case in ROPE_CASES for _ in range(2)]
+    for case, (shape, error, cache, same) in zip(cases, results, strict=True):
         assert shape == [4, case[0], 32], case
         assert error < 1e-2, (case, error)
         assert cache < 2e-2, (case, cache)  # the new key: RoPE within a rounding
