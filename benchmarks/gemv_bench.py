@@ -197,14 +197,14 @@ def bench_decode() -> dict:
     for line in decisions:
         print("  " + line)
     logits = {}
-    modes = (("torch", plain, True), ("dispatcher", dispatcher, True))
-    modes += (("dispatcher_no_pdl", dispatcher, False),)  # engine/pdl.py switched off
+    modes = [("torch", plain, True), ("dispatcher", dispatcher, True)]
+    modes += [("dispatcher_no_pdl", dispatcher, False)]  # engine/pdl.py switched off
     for mode, linear, with_pdl in modes:
         runner.decode_linear = linear
         pdl.ALLOWED = with_pdl
         try:
             result[mode], found = time_decode(runner, DecodeGraphs)
-            logits.setdefault(mode.removesuffix("_no_pdl"), found)
+            logits.setdefault(mode.split("_no_")[0], found)
         except Exception:  # noqa: BLE001
             print(f"decode with {mode}: FAILED\n{traceback.format_exc()}", flush=True)
         finally:
@@ -216,12 +216,12 @@ def bench_decode() -> dict:
         result["argmax_agree"] = float((a.argmax(-1) == b.argmax(-1)).double().mean().item())
         print(f"logits, dispatcher vs torch: relative difference {result['logits_rel_diff']:.2e}"
               f", argmax agreement {result['argmax_agree']:.3f}")  # fmt: skip
-    print(f"\n{'batch':>5} {'torch ms':>9} {'dispatcher ms':>14} {'speedup':>8} {'no PDL ms':>10}")
+    print(f"\n{'batch':>5} {'torch ms':>9} {'dispatcher ms':>14} {'speedup':>8} {'no PDL':>8}")
     for batch in DECODE_BATCHES:
         t, d = result.get("torch", {}).get(batch), result.get("dispatcher", {}).get(batch)
         off = result.get("dispatcher_no_pdl", {}).get(batch, float("nan"))
         if t and d:
-            print(f"{batch:5} {t:9.3f} {d:14.3f} {t / d:7.3f}x {off:10.3f}")
+            print(f"{batch:5} {t:9.3f} {d:14.3f} {t / d:7.3f}x {off:8.3f}")
     return result
 
 
