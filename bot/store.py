@@ -346,9 +346,11 @@ class Store:
 
     async def move_chat(self, platform: str, old: str, new: str) -> int:
         """A chat got a new id (a Telegram group upgraded to a supergroup): its
-        conversations, messages and our message ids follow it, so the conversation goes
-        on. Conversation keys that name the chat ("<chat>" or "<chat>:<user>") are
-        renamed; one the new chat already has open stays where it was. Returns the
+        conversations and messages follow it, so the conversation goes on. Conversation
+        keys that name the chat ("<chat>" or "<chat>:<user>") are renamed; one the new
+        chat already has open stays where it was. The platform's message ids stay with
+        the old chat: they number that chat's messages only (a supergroup counts its own
+        from 1), so under the new id they would point at other messages. Returns the
         number of conversations moved; moving again is a no-op."""
         await self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -360,11 +362,10 @@ class Store:
                 (new, old, new, len(old) + 1, old + ":", new, len(old) + 1, platform, old),
             )
             moved = cur.rowcount
-            for table in ("messages", "platform_messages"):
-                await self._db.execute(
-                    f"UPDATE OR IGNORE {table} SET chat_id=? WHERE platform=? AND chat_id=?",
-                    (new, platform, old),
-                )
+            await self._db.execute(
+                "UPDATE messages SET chat_id=? WHERE platform=? AND chat_id=?",
+                (new, platform, old),
+            )
             await self._db.execute("COMMIT")
         except BaseException:
             await self._db.execute("ROLLBACK")

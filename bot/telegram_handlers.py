@@ -8,6 +8,7 @@ reply to one of its messages are turns; everything else is ignored and never sto
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -268,9 +269,13 @@ class TelegramHandlers:
                     await self.service.handle(incoming, sink)
                 else:
                     await self.service.reply(incoming, text, sink)
+                chat = incoming
+                if sink.chat_id != message.chat.id:  # the group became a supergroup meanwhile
+                    chat = dataclasses.replace(incoming, chat_id=str(sink.chat_id))
+                    await self.service.store.move_chat(PLATFORM, incoming.chat_id, chat.chat_id)
                 if sink.reply_id is not None:
                     ids = [str(i) for i in sink.message_ids]
-                    await self.service.remember_platform_ids(incoming, sink.reply_id, ids)
+                    await self.service.remember_platform_ids(chat, sink.reply_id, ids)
             except Forbidden as exc:  # blocked by the user, or removed from the group
                 log.info("telegram: chat %s is closed to us: %s", incoming.chat_id, exc)
             except Exception:  # noqa: BLE001 - one turn failing must not stop the bot

@@ -186,6 +186,10 @@ class ChatPacer:
         self._record(now)
         return True
 
+    def moved(self, chat_id: int) -> ChatPacer:
+        """The pacer of the supergroup this group became (a new chat, its own window)."""
+        return self._pacer.chat(chat_id, is_group=True)
+
     def hold(self, seconds: float) -> None:
         """Telegram said 429: nothing in this chat for `seconds`."""
         self.window.hold(self._pacer.clock() + seconds)

@@ -10,6 +10,8 @@
   Telegram refuses the formatting. 👍/👎 buttons go under the last message.
 * A 429 holds the chat for the time Telegram names (telegram_pacing): a streaming
   edit is skipped, a required request waits and is retried, so the answer completes.
+* A group upgraded to a supergroup mid-answer (ChatMigrated) gets the rest of the
+  answer under its new id, in a new message: the old chat takes no more messages.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from telegram import (
     ReplyParameters,
 )
 from telegram.constants import ChatAction, ParseMode
-from telegram.error import BadRequest, RetryAfter, TelegramError
+from telegram.error import BadRequest, ChatMigrated, RetryAfter, TelegramError
 
 from bot.telegram_format import (
     MAX_MESSAGE,
@@ -200,6 +202,8 @@ class TelegramReply:
         try:
             if await self._pacer.call(edit, required=False) is not None:
                 live.text = part.strip()
+        except ChatMigrated as exc:  # the next update starts a message in the new chat
+            self._move(exc.new_chat_id)
         except BadRequest as exc:
             if _not_modified(exc):
                 live.text = part.strip()
@@ -293,9 +297,26 @@ class TelegramReply:
         return message
 
     async def _required(self, call: Callable[[], Awaitable[T]]) -> T:
-        result = await self._pacer.call(call, required=True)
+        """The call, waited for; once more in the new chat if the group became a
+        supergroup (calls read self.chat_id when they run; an edit of a message left in
+        the old chat then fails as gone, and its text goes out as a new message)."""
+        try:
+            result = await self._pacer.call(call, required=True)
+        except ChatMigrated as exc:
+            self._move(exc.new_chat_id)
+            result = await self._pacer.call(call, required=True)
         assert result is not None, "a required request returns or raises"
         return result
+
+    def _move(self, chat_id: int) -> None:
+        """The group is now the supergroup `chat_id`: write there from now on. Messages
+        already sent stay in the old chat, so none of them is edited or replied to."""
+        log.info("telegram: chat %s became %s in the middle of an answer", self.chat_id, chat_id)
+        self.chat_id = chat_id
+        self._pacer = self._pacer.moved(chat_id)
+        self._reply_to = None
+        self._live = None
+        self.message_ids = []
 
     async def _keep_typing(self) -> None:
         """'typing…' until the first message appears (an action shows for 5 s)."""
@@ -307,6 +328,8 @@ class TelegramReply:
                     )
                 except RetryAfter as exc:
                     self._pacer.hold(retry_seconds(exc))
+                except ChatMigrated as exc:
+                    self._move(exc.new_chat_id)
                 except TelegramError as exc:
                     log.debug("telegram: typing action failed in chat %s: %s", self.chat_id, exc)
             await asyncio.sleep(self._typing_every_s)

@@ -45,6 +45,26 @@ async def test_reset_opens_a_new_conversation_and_keeps_the_old(tmp_path: Path) 
     await store.close()
 
 
+async def test_a_moved_chat_keeps_its_conversations_but_not_its_message_ids(
+    tmp_path: Path,
+) -> None:
+    """A group upgraded to a supergroup: the conversation moves to the new chat id, but
+    the group's message ids stay with the group (the supergroup numbers its own messages
+    from 1, so old id 1 would point at the wrong message there)."""
+    store = await Store.open(tmp_path / "bot.db")
+    conv = await store.open_conversation("test", "c1", "c1")
+    question = await add(store, conv, "user", "first question")
+    await store.link_platform_message("test", "c1", "1", question)
+    assert await store.move_chat("test", "c1", "s1") == 1
+    assert await store.move_chat("test", "c1", "s1") == 0  # again: nothing left to move
+    assert await store.open_conversation("test", "s1", "s1") == conv
+    assert await store.find_platform_message("test", "s1", "1") is None
+    old = await store.find_platform_message("test", "c1", "1")
+    assert old is not None and old.id == question
+    assert await store.stats("test") == {"users": 1, "conversations": 1, "messages": 1}
+    await store.close()
+
+
 async def test_data_survives_reopening_and_uses_wal(tmp_path: Path) -> None:
     path = tmp_path / "bot.db"
     store = await Store.open(path)

@@ -5,6 +5,7 @@ scripted model. Every assertion is on what the fake server saw or what was store
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -324,8 +325,10 @@ async def test_group_context_per_user_keeps_one_conversation_per_member(
 
 
 async def upgrade_group(fake: FakeTelegram, old: int, new: int, after_message: int) -> None:
-    """What Telegram sends when a group becomes a supergroup (a new chat id): a service
-    message in each chat, migrate_to_chat_id in the old, migrate_from_chat_id in the new."""
+    """What Telegram does when a group becomes a supergroup (a new chat id): the old id
+    stops working, and a service message goes to each chat, migrate_to_chat_id in the
+    old, migrate_from_chat_id in the new."""
+    fake.migrate_chat(old, new)
     ann = {"id": 7, "is_bot": False, "first_name": "Ann"}
     for chat, kind, key, other, message_id in (
         (old, "group", "migrate_to_chat_id", new, after_message + 1),
@@ -352,6 +355,57 @@ async def test_group_upgraded_to_a_supergroup_keeps_its_conversation(
     conversation = await store.open_conversation("telegram", str(new), str(new))
     history = [m.text for m in await store.history(conversation)]
     assert history == ["first question", ANSWER, "second question", ANSWER]
+
+
+async def test_group_upgraded_mid_answer_gets_the_whole_answer_under_its_new_id(
+    fake: FakeTelegram, start_bot: Any
+) -> None:
+    """The upgrade lands while the answer streams: Telegram refuses the old id
+    (ChatMigrated), the answer goes on in the supergroup in a new message with all its
+    text and the rating buttons, and is stored there, so replying to it continues the
+    conversation."""
+    old, new = -4007, -1004007
+    answer = "Upgrades happen while we talk. " * 12
+    bot = await start_bot(answer, engine={"delay_s": 0.03}, group_context="per_user")
+    fake.send_text(old, "/ask first question", chat_type="group", user_id=7, first_name="Ann")
+    await fake.wait_for(lambda: fake.bot_messages(old), message="the answer started")
+    [started] = fake.bot_messages(old)
+    await upgrade_group(fake, old, new, started.message_id)
+
+    [moved] = await answers(fake, new)
+    assert moved.text == answer.strip()
+    assert len(fake.bot_messages(old)) == 1 and rated(moved)
+    assert bot.rows("SELECT conv_key, chat_id FROM conversations") == [(f"{new}:7", str(new))]
+    # Bob replies to the answer in the supergroup: Ann's conversation goes on.
+    fake.send_text(
+        new, "/ask and then?", chat_type="supergroup", user_id=8,
+        reply_to_message_id=moved.message_id,
+    )  # fmt: skip
+    await answers(fake, new, 2)
+    store = bot.service.store
+    conversation = await store.open_conversation("telegram", f"{new}:7", str(new))
+    history = [m.text for m in await store.history(conversation)]
+    assert history == ["first question", answer, "and then?", answer]
+
+
+async def test_group_upgraded_before_the_first_message_gets_it_under_its_new_id(
+    fake: FakeTelegram, start_bot: Any
+) -> None:
+    """Upgraded while the bot was still typing: its first message is refused under the
+    old id (ChatMigrated) and sent again under the new one."""
+    old, new = -4008, -1004008
+    bot = await start_bot(pacing=dataclasses.replace(FAST, typing_every_s=30.0))  # typing once
+    bot.model.gate.clear()  # the answer waits until the group has been upgraded
+    fake.send_text(old, "/ask first question", chat_type="group", user_id=7, first_name="Ann")
+    await fake.wait_for(lambda: fake.calls_of("sendChatAction"), message="typing")
+    await upgrade_group(fake, old, new, 1)
+    bot.model.gate.set()
+
+    [message] = await answers(fake, new)
+    assert message.text == ANSWER and not fake.bot_messages(old)
+    sends = [c.params["chat_id"] for c in fake.calls_of("sendMessage")]
+    assert sends == [old, new]  # refused once, then sent where the group is now
+    assert bot.rows("SELECT conv_key, chat_id FROM conversations") == [(str(new), str(new))]
 
 
 async def test_upgraded_group_on_the_allow_list_tells_the_admin_its_new_id(

@@ -3,7 +3,8 @@
 The server listens on 127.0.0.1 (a free port) and answers ``{base_url}{token}/{method}``
 exactly as api.telegram.org does: ``{"ok": true, "result": ...}`` on success and
 ``{"ok": false, "error_code": N, "description": "..."}`` (plus ``parameters.retry_after`` for
-429) on failure, so PTB raises its real exceptions (BadRequest, RetryAfter, NetworkError,
+429, ``parameters.migrate_to_chat_id`` for a group upgraded to a supergroup) on failure, so
+PTB raises its real exceptions (BadRequest, RetryAfter, ChatMigrated, NetworkError,
 Conflict, InvalidToken, ...).
 
 Usage with PTB::
@@ -194,16 +195,29 @@ _COMMAND_RE = re.compile(r"[a-z0-9_]{1,32}")
 class ApiError(Exception):
     """A Bot API failure; rendered as the JSON error object Telegram sends."""
 
-    def __init__(self, status: int, description: str, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        description: str,
+        retry_after: int | None = None,
+        migrate_to_chat_id: int | None = None,
+    ) -> None:
         super().__init__(description)
         self.status = status
         self.description = description
         self.retry_after = retry_after
+        self.migrate_to_chat_id = migrate_to_chat_id
 
     def payload(self) -> JSONDict:
+        """The error object, with ResponseParameters where Telegram gives them."""
         body: JSONDict = {"ok": False, "error_code": self.status, "description": self.description}
-        if self.retry_after is not None:
-            body["parameters"] = {"retry_after": self.retry_after}
+        parameters = {
+            "retry_after": self.retry_after,
+            "migrate_to_chat_id": self.migrate_to_chat_id,
+        }
+        parameters = {key: value for key, value in parameters.items() if value is not None}
+        if parameters:
+            body["parameters"] = parameters
         return body
 
 
@@ -1371,6 +1385,7 @@ class FakeTelegram:
         }
         self.calls: list[ApiCall] = []
         self._chats: dict[int, JSONDict] = {}
+        self._migrated: dict[int, int] = {}  # a group's id -> its supergroup's
         self._users: dict[int, JSONDict] = {}
         self._messages: dict[int, dict[int, _StoredMessage]] = {}
         self._last_message_id: dict[int, int] = {}
@@ -1472,6 +1487,15 @@ class FakeTelegram:
         if chat_type == "private":
             self._register_user(chat_id, first_name, username)
         return self._register_chat(chat_id, chat_type, title, first_name, username)
+
+    def migrate_chat(self, old: int, new: int) -> None:
+        """The group ``old`` becomes the supergroup ``new``: from now on every call naming
+        ``old`` fails as on Telegram, 400 "group chat was upgraded to a supergroup chat"
+        with ``parameters.migrate_to_chat_id`` (PTB raises ChatMigrated). The service
+        messages announcing it are the test's to queue."""
+        title = self._chats.get(old, {}).get("title")
+        self._register_chat(new, "supergroup", title, "User", None)
+        self._migrated[old] = new
 
     def bot_messages(self, chat_id: int) -> list[BotMessage]:
         """The bot's messages in a chat as shown now: edits applied, deleted ones gone."""
@@ -1873,6 +1897,12 @@ class FakeTelegram:
         if isinstance(raw, str) and raw.startswith("@"):
             named = [cid for cid, chat in self._chats.items() if chat.get("username") == raw[1:]]
             raw = named[0] if named else None
+        if isinstance(raw, int) and raw in self._migrated:
+            raise ApiError(
+                400,
+                "Bad Request: group chat was upgraded to a supergroup chat",
+                migrate_to_chat_id=self._migrated[raw],
+            )
         if not isinstance(raw, int) or raw not in self._chats:
             raise bad_request("chat not found")
         return raw

@@ -14,7 +14,14 @@ import pytest
 import pytest_asyncio
 from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.constants import ParseMode
-from telegram.error import BadRequest, Conflict, InvalidToken, NetworkError, RetryAfter
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    Conflict,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+)
 from telegram.ext import (
     Application,
     ApplicationBuilder,
@@ -159,6 +166,26 @@ async def test_injected_429_surfaces_as_retry_after(
     assert caught.value.retry_after == dtm.timedelta(seconds=3)
     assert [call.status for call in fake.calls_of("sendMessage")] == [429, 200]
     assert [message.text for message in fake.bot_messages(USER_ID)] == ["hi again"]
+
+
+async def test_a_group_upgraded_to_a_supergroup_answers_with_its_new_id(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    old, new = -4242, -1004242
+    fake.add_chat(old, chat_type="group", title="Lab")
+    await bot.send_message(old, "before")
+    fake.migrate_chat(old, new)
+
+    with pytest.raises(ChatMigrated) as caught:
+        await bot.send_message(old, "after")
+    with pytest.raises(ChatMigrated):
+        await bot.send_chat_action(old, "typing")
+    sent = await bot.send_message(caught.value.new_chat_id, "after")
+
+    assert caught.value.new_chat_id == new
+    assert sent.chat.type == "supergroup" and sent.chat.title == "Lab"
+    assert [m.text for m in fake.bot_messages(new)] == ["after"]
+    assert [c.status for c in fake.calls_of("sendMessage")] == [200, 400, 200]
 
 
 async def test_injected_502_surfaces_as_network_error(fake: FakeTelegram, bot: Bot) -> None:
