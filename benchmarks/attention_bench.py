@@ -1,6 +1,7 @@
 """Decode attention on the GPU: the Triton split-K kernel's settings, swept per batch size
-(fixed-size or equal splits, grid batch-first or heads-first), and the engine's own
-setting with programmatic dependent launch on and off.
+(fixed-size or equal splits, grid batch-first or heads-first), next to the engine's own
+setting. This times the split and merge kernels; at batch <= 4 the engine runs the
+one-kernel RoPE variant with the same splits (engine/attention_triton.py).
 
 Each setting runs inside a CUDA graph over all 32 layers' caches in turn (as in a decode
 step: no launch overhead, nothing left in L2), on sequences of random lengths. Prints
@@ -25,7 +26,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import pdl  # noqa: E402
 from engine.attention import Settings, kernel_settings, reference_attention  # noqa: E402
 from engine.attention_triton import triton_decode_attention  # noqa: E402
 
@@ -83,17 +83,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--cases", nargs="+", help="only these cases (e.g. b64_ctx300-500)")
-    parser.add_argument(
-        "--no-pdl", action="store_true", help="the sweep without programmatic dependent launch"
-    )
     args = parser.parse_args()
-    pdl.ALLOWED = not args.no_pdl
     torch.manual_seed(0)
     heads, dim, slots, tokens = 32, 128, 65, 2048
     shape = (args.layers, slots, tokens, heads, dim)
     k_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     v_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    results: dict[str, Any] = {"pdl_enabled": pdl.enabled(k_cache.device)}
+    results: dict[str, Any] = {}
     cases = {
         "b1_ctx128": (1, 128, 128),
         "b1_ctx1300": (1, 1300, 1300),
@@ -130,20 +126,14 @@ def main() -> None:
         engine = kernel_settings(batch)
         current = timings.get(label(engine), math.nan)
         best_key, best_us = ranked[0]
-        # The engine's setting with programmatic dependent launch off (engine/pdl.py).
-        pdl.ALLOWED = False
-        try:
-            no_pdl = time_layers(engine, q, (k_cache, v_cache), slot_ids, lengths)
-        finally:
-            pdl.ALLOWED = not args.no_pdl
         print(
-            f"{name:16} engine {label(engine)} {current:7.1f} us ({moved / current / 1e6:.2f} TB/s;"
-            f" without PDL {no_pdl:.1f})  best {best_key} {best_us:7.1f} us"
+            f"{name:16} engine {label(engine)} {current:7.1f} us ({moved / current / 1e6:.2f} TB/s)"
+            f"  best {best_key} {best_us:7.1f} us"
             f" ({moved / best_us / 1e6:.2f} TB/s)"
             f"  next: {', '.join(f'{k} {v}' for k, v in ranked[1:6])}",
             flush=True,
         )
-        results[name] = {"engine": label(engine), "engine_us": current, "engine_no_pdl_us": no_pdl,
+        results[name] = {"engine": label(engine), "engine_us": current,
                          "best": best_key, "best_us": best_us, "bytes_per_layer": moved,
                          "all": timings}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

@@ -39,27 +39,28 @@ class Settings(NamedTuple):
     heads_first: bool = False  # grid (kv head, batch, split) instead of (batch, kv head, split)
 
 
+# Batches up to this size take attention_triton.triton_rope_decode_attention (one kernel
+# for RoPE, the cache write, attention and the merge, launched with PDL); above it, every
+# split program's barrier and atomic cost more than a merge kernel (batch 64: 145 -> 162
+# us per layer on an H200).
+FUSED_ROPE_ROWS = 4
+
+
 def kernel_settings(batch: int) -> Settings:
     """How to cut decode attention for a batch of this size, measured on an H200 with
     benchmarks/attention_bench.py (results in benchmarks/results/attention-bench-*.json).
-    A few sequences: each cut into 32 equal splits of whole blocks (batch 1, 128 keys:
-    8.2 -> 6.3 us per layer against splits of 64 keys, which leave most of the 32 split
-    programs of a 2048-key slot empty). Larger batches fill the GPU with sequences: long
-    fixed splits, fewer warps, and the grid heads first, so programs that start
-    together read neighbouring heads of the same tokens."""
-    if batch <= 4:
+    A few sequences: each cut into at most 32 equal splits of whole blocks (batch 1, 128
+    keys: 8.2 -> 6.3 us per layer against splits of 64 keys, which leave most of the 32
+    split programs of a 2048-key slot empty). Larger batches fill the GPU with
+    sequences: long fixed splits, fewer warps, and the grid heads first, so programs
+    that start together read neighbouring heads of the same tokens (0-2% faster)."""
+    if batch <= FUSED_ROPE_ROWS:
         return Settings(0, 32, 4, 3, parts=32)
     if batch <= 16:
         return Settings(64, 32, 2, 3, heads_first=True)
     if batch <= 32:
         return Settings(128, 32, 2, 3, heads_first=True)
     return Settings(256, 32, 2, 3, heads_first=True)
-
-
-# Batches up to this size take attention_triton.triton_rope_decode_attention (one kernel
-# for RoPE, the cache write, attention and the merge); above it, every split program's barrier and atomic
-# cost more than a merge kernel (batch 64: 145 -> 162 us per layer on an H200).
-FUSED_ROPE_ROWS = 4
 
 
 def decode_attention(

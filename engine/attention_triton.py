@@ -1,6 +1,8 @@
 """Triton flash-decoding: split-K attention of one query per sequence over its cache.
 
-Grid (batch, kv_head, split). Each program takes the `group` query heads that share a
+Grid (batch, kv_head, split), or (kv_head, batch, split) with `heads_first`. A split is
+a fixed number of keys, or (`parts`) an equal share of its sequence in whole blocks.
+Each program takes the `group` query heads that share a
 KV head (GQA), walks its split of the sequence in blocks of BLOCK_N keys with an online
 softmax, and writes a partial (max, sum, weighted values). Splits past a sequence's
 length do no work, so the cost follows the real lengths, and nothing depends on host
@@ -171,12 +173,7 @@ def _merge_head(Acc, Stats, row, d, D: tl.constexpr, NSPLIT: tl.constexpr, CACHE
 
 
 @triton.jit
-def _merge_kernel(
-    Acc, Stats, Out, stride_ob, stride_oh, H, D: tl.constexpr, NSPLIT: tl.constexpr,
-    PDL: tl.constexpr,
-):  # fmt: skip
-    pdl.start(PDL)
-    pdl.wait(PDL)
+def _merge_kernel(Acc, Stats, Out, stride_ob, stride_oh, H, D: tl.constexpr, NSPLIT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
@@ -199,11 +196,14 @@ def _launch(
     batch, dim = lengths.shape[0], k_cache.shape[-1]
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
-    if settings.parts:
+    if settings.parts > 0:
         nsplit = settings.parts
-        assert nsplit == triton.next_power_of_2(nsplit), settings
-    else:
+        if nsplit != triton.next_power_of_2(nsplit):
+            raise ValueError(f"parts must be a power of two, got {settings}")
+    elif settings.split > 0:
         nsplit = triton.next_power_of_2(triton.cdiv(k_cache.shape[1], settings.split))
+    else:
+        raise ValueError(f"settings need split > 0 or parts > 0, got {settings}")
     acc = torch.empty((batch, heads, nsplit, dim), dtype=torch.float32, device=q.device)
     stats = torch.empty((batch, heads, nsplit, 2), dtype=torch.float32, device=q.device)
     if rope is not None and counters is None:
@@ -211,7 +211,8 @@ def _launch(
     cos, sin = rope if rope is not None else (q, q)
     grid = (kv_heads, batch, nsplit) if settings.heads_first else (batch, kv_heads, nsplit)
     # PDL (engine/pdl.py) where one kernel does all (few sequences); for the split and
-    # merge pair it measured slower at batch 64 (156.8 against 144.3 us per layer).
+    # merge pair it measured slower at batch 64 (156.8 against 144.3 us per layer), so
+    # that pair launches as usual.
     launch = pdl.launch(q.device) if counters is not None else {"PDL": False}
     _split_kernel[grid](
         q, k_cache, v_cache, slots, lengths, acc, stats, out,
@@ -229,7 +230,7 @@ def _launch(
     )  # fmt: skip
     if counters is None:
         _merge_kernel[(batch, heads)](
-            acc, stats, out, out.stride(0), out.stride(1), heads, D=dim, NSPLIT=nsplit, **launch
+            acc, stats, out, out.stride(0), out.stride(1), heads, D=dim, NSPLIT=nsplit
         )
 
 

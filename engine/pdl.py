@@ -3,10 +3,11 @@
 A decode step at batch 1 is ~260 kernels of a few microseconds each, and each loses
 some of its time starting: the launch, the first wave of programs, the first loads'
 latency, while the kernel before it drains its last programs. Launched with PDL, a
-kernel may start as soon as every program of the one before it has called `start`;
-it can load what the earlier kernel does not write (the weights) and must call `wait`,
-which returns once that kernel has finished and its writes are visible, before it
-reads anything else or writes anything at all.
+kernel may start as soon as every program of the one before it has called `start`.
+Every kernel calls `start` first, so a kernel may start while several earlier ones
+still run: before `wait` it may load only what no kernel writes (the weights). `wait`
+returns once the kernel before it has finished and its writes are visible; everything
+else is read, and anything at all is written, after it.
 
 Each of our kernels calls `wait` in every program, so a kernel finishes only after the
 one before it has; waiting on the previous kernel therefore waits on all earlier ones.

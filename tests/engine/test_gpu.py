@@ -17,6 +17,16 @@ pytestmark = [
 ]
 
 
+def test_programmatic_dependent_launch_is_on_for_hopper_and_newer() -> None:
+    """The decode kernels' PDL (engine/pdl.py) switches itself off when Triton or the GPU
+    cannot do it; on compute capability 9+ with this Triton it must be on, or a new
+    Triton would quietly cost the single-chat speed."""
+    from engine import pdl
+
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert pdl.enabled(torch.device("cuda")) == hopper
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(32, 32, 128), (9, 3, 64), (8, 2, 128)])
 def test_triton_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int) -> None:
     from engine.attention import Settings, kernel_settings, reference_attention
@@ -32,7 +42,7 @@ def test_triton_decode_attention_matches_reference(heads: int, kv_heads: int, di
     ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), slot_ids.cpu(), lengths.cpu())
     # Each batch size's kernel settings, and equal splits with the grid heads first.
     variants = [kernel_settings(batch) for batch in (1, 8, 64)]
-    variants += [Settings(64, 32, 2, 3, parts=parts, heads_first=True) for parts in (1, 4, 16)]
+    variants += [Settings(0, 32, 2, 3, parts=parts, heads_first=True) for parts in (1, 4, 16)]
     for settings in variants:
         out = triton_decode_attention(q, k, v, slot_ids, lengths, settings)
         assert torch.isfinite(out).all()

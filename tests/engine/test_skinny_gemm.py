@@ -17,6 +17,7 @@ import torch
 # Triton comes with CUDA builds of torch, not with the CPU build CI installs.
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
+from engine.attention import Settings  # noqa: E402
 from engine.skinny_calibrate import Group, calibrate, candidates  # noqa: E402
 from engine.skinny_gemm import (  # noqa: E402
     Kernel,
@@ -130,7 +131,7 @@ for heads, kv_heads, dtype in json.loads(sys.argv[1]):
     slots = torch.tensor([5, 0, 3, 1, 2])
     lengths = torch.tensor([16, 1, 37, 64, 5])
     ref = reference_attention(q, k, v, slots, lengths).double()
-    for settings in (Settings(16, 8), Settings(16, 8, parts=4, heads_first=True)):
+    for settings in (Settings(16, 8), Settings(0, 8, parts=4, heads_first=True)):
         out = triton_decode_attention(q, k, v, slots, lengths, settings)
         again = triton_decode_attention(q, k, v, slots, lengths, settings)
         error = ((out.double() - ref).norm() / ref.norm()).item()
@@ -146,6 +147,25 @@ def test_decode_attention_matches_float64_reference_in_the_interpreter() -> None
         assert dtype == f"torch.{case[2]}" and shape == [5, case[0], 32], case
         assert error < 1e-2, (case, error)
         assert same, case
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        (Settings(0, 8), "split > 0 or parts > 0"),
+        (Settings(0, 8, parts=3), "parts must be a power of two"),
+    ],
+)
+def test_decode_attention_settings_that_cannot_cut_are_refused(
+    settings: Settings, says: str
+) -> None:
+    from engine.attention_triton import triton_decode_attention
+
+    k = torch.zeros(2, 16, 2, 8)
+    with pytest.raises(ValueError, match=says):
+        triton_decode_attention(
+            torch.zeros(1, 2, 8), k, k, torch.tensor([0]), torch.tensor([4]), settings
+        )
 
 
 # The fused variant for small batches: the q/k/v row in, RoPE applied, the new key and
@@ -181,7 +201,7 @@ for heads, kv_heads, dtype in json.loads(sys.argv[1]):
     k_ref[slots, lengths - 1] = rotate(new_k.float(), c.float(), s_.float()).to(dtype)
     v_ref[slots, lengths - 1] = new_v
     ref = reference_attention(rotate(q.float(), c.float(), s_.float()).to(dtype), k_ref, v_ref, slots, lengths)
-    for settings in (Settings(16, 8, 4, 3), Settings(16, 8, 4, 3, parts=4, heads_first=True)):
+    for settings in (Settings(16, 8, 4, 3), Settings(0, 8, 4, 3, parts=4, heads_first=True)):
         k_run, v_run = k.clone(), v.clone()
         out = triton_rope_decode_attention(qkv, cos, sin, k_run, v_run, slots, lengths, heads, counters, settings)
         again = triton_rope_decode_attention(qkv, cos, sin, k_run, v_run, slots, lengths, heads, counters, settings)
