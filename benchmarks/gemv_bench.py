@@ -4,6 +4,7 @@ a plain device-to-device copy; then the graph-replayed 7B decode step (random we
 with the dispatcher on and off, and on with programmatic dependent launch off.
 
     python benchmarks/gemv_bench.py [--out DIR] [--skip-decode] [--skip-shapes]
+        [--rows M ...] [--try-dot-tiles JSON]
 
 Each product runs with the prologue llama.py gives it (RMSNorm of the rows before qkv,
 gate_up and lm_head; silu(gate) * up before down): torch runs it as its own kernel, the
