@@ -73,6 +73,7 @@ class TelegramHandlers:
             admins=tuple(str(i) for i in config.admins),
         )
         self._refused: dict[tuple[int, int], float] = {}
+        self._upgraded: dict[int, int] = {}  # a group's id -> its supergroup's
 
     def handlers(self) -> list[BaseHandler[Any, Any, Any]]:
         new = filters.UpdateType.MESSAGE  # edited messages are ignored
@@ -92,9 +93,10 @@ class TelegramHandlers:
 
     # messages --------------------------------------------------------------------
     async def on_migrate(self, update: Update, context: Context) -> None:
-        """A group became a supergroup, which has a new chat id: its conversations,
-        messages and our message ids move to the new id, so the chat goes on where it
-        was. Telegram tells both chats; the second finds nothing left to move."""
+        """A group became a supergroup, which has a new chat id: its conversations and
+        messages move to the new id, so the chat goes on where it was, and its turns
+        queue behind the group's. Telegram tells both chats; the second finds nothing
+        left to move."""
         message = update.message
         if message is None:
             return
@@ -104,6 +106,8 @@ class TelegramHandlers:
             old, new = message.migrate_from_chat_id, message.chat.id
         else:
             return
+        self._upgraded[old] = new
+        self.jobs.same_chat(new, old)
         moved = await self.service.store.move_chat(PLATFORM, str(old), str(new))
         if moved:
             log.info("telegram: chat %s is now %s; %d conversation(s) moved", old, new, moved)
@@ -264,18 +268,23 @@ class TelegramHandlers:
         sink = self.sink(message)
 
         async def run() -> None:
+            turn = incoming
+            upgraded = self._upgraded.get(message.chat.id)
+            if upgraded is not None:  # the group became a supergroup while this waited
+                sink.move_to(upgraded)
+                turn = _in_chat(incoming, upgraded)
             try:
                 if command:
-                    await self.service.handle(incoming, sink)
+                    await self.service.handle(turn, sink)
                 else:
-                    await self.service.reply(incoming, text, sink)
-                chat = incoming
-                if sink.chat_id != message.chat.id:  # the group became a supergroup meanwhile
-                    chat = dataclasses.replace(incoming, chat_id=str(sink.chat_id))
-                    await self.service.store.move_chat(PLATFORM, incoming.chat_id, chat.chat_id)
+                    await self.service.reply(turn, text, sink)
+                if sink.chat_id != int(turn.chat_id):  # ... or while it was answered
+                    moved = _in_chat(turn, sink.chat_id)
+                    await self.service.store.move_chat(PLATFORM, turn.chat_id, moved.chat_id)
+                    turn = moved
                 if sink.reply_id is not None:
                     ids = [str(i) for i in sink.message_ids]
-                    await self.service.remember_platform_ids(chat, sink.reply_id, ids)
+                    await self.service.remember_platform_ids(turn, sink.reply_id, ids)
             except Forbidden as exc:  # blocked by the user, or removed from the group
                 log.info("telegram: chat %s is closed to us: %s", incoming.chat_id, exc)
             except Exception:  # noqa: BLE001 - one turn failing must not stop the bot
@@ -285,6 +294,16 @@ class TelegramHandlers:
                 sink.close()
 
         self.jobs.ordered(message.chat.id, run, lambda started: sink.interrupted(started=started))
+
+
+def _in_chat(incoming: Incoming, chat_id: int) -> Incoming:
+    """The same turn in the supergroup its group became (a member's own conversation
+    key, "<chat>:<user>", follows the chat)."""
+    old = incoming.chat_id
+    key = incoming.conv_key
+    if key.startswith(f"{old}:"):
+        key = f"{chat_id}:{key[len(old) + 1 :]}"
+    return dataclasses.replace(incoming, chat_id=str(chat_id), conv_key=key)
 
 
 async def _apologise(sink: TelegramReply) -> None:

@@ -27,6 +27,7 @@ class ChatJobs:
     def __init__(self) -> None:
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._same: dict[int, int] = {}  # a supergroup's id -> the group's it was
 
     @property
     def running(self) -> int:
@@ -41,11 +42,17 @@ class ChatJobs:
     ) -> None:
         """A turn of chat `chat_id`, after the ones submitted before it. `interrupted`
         is told whether the job had started when shutdown cancelled it."""
+        chat_id = self._same.get(chat_id, chat_id)
         lock = self._locks.get(chat_id)
         if lock is None:
             lock = asyncio.Lock()
             self._locks[chat_id] = lock
         self._spawn(self._in_order(lock, job, interrupted))
+
+    def same_chat(self, new: int, old: int) -> None:
+        """A group became the supergroup `new`: its turns queue behind the group's own,
+        so a turn of the old id still running keeps its place."""
+        self._same[new] = self._same.get(old, old)
 
     async def drain(self, grace_s: float) -> None:
         """Let running jobs finish for up to `grace_s`, then cancel what is left."""

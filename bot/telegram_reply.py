@@ -10,8 +10,9 @@
   Telegram refuses the formatting. 👍/👎 buttons go under the last message.
 * A 429 holds the chat for the time Telegram names (telegram_pacing): a streaming
   edit is skipped, a required request waits and is retried, so the answer completes.
-* A group upgraded to a supergroup mid-answer (ChatMigrated) gets the rest of the
-  answer under its new id, in a new message: the old chat takes no more messages.
+* A group upgraded to a supergroup mid-answer (ChatMigrated) gets the part of the
+  answer still being written under its new id, in a new message: the old chat takes no
+  more messages, and its messages can no longer be edited.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ NO_PREVIEW = LinkPreviewOptions(is_disabled=True)  # previews would jump around 
 RATE = "rate"  # callback data: rate:<stored reply id>:<1|-1>
 INTERRUPTED = "⚠️ I was restarted before I could finish this answer. Send /retry to get it."
 NOT_STARTED = "⚠️ I was restarted before I could answer this. Please send it again."
+RATE_MOVED = "👍 or 👎 for the answer above?"  # its last message stayed in the old group
 
 
 def rating_keyboard(reply_id: int) -> InlineKeyboardMarkup:
@@ -80,6 +82,11 @@ def _gone(error: BadRequest) -> bool:
 
 def _formatting_refused(error: BadRequest) -> bool:
     return _says(error, "can't parse", "parse entities", "unsupported start tag")
+
+
+class _Moved(Exception):
+    """An edit found the chat upgraded to a supergroup: its message stays in the old
+    chat, where nothing can be edited any more (the reply itself has moved)."""
 
 
 @dataclass
@@ -154,11 +161,14 @@ class TelegramReply:
             await self._settle(part, keyboard)
         elif self.message_ids:  # the answer ended exactly where a message did
             last = self.message_ids[-1]
-            await self._required(
-                lambda: self.bot.edit_message_reply_markup(
-                    self.chat_id, last, reply_markup=keyboard
+            try:
+                await self._required(
+                    lambda: self.bot.edit_message_reply_markup(
+                        self.chat_id, last, reply_markup=keyboard
+                    )
                 )
-            )
+            except _Moved:  # the answer's last message stayed in the old chat
+                await self._send(RATE_MOVED, None, keyboard)
         self.reply_id = reply_id
 
     # lifecycle -------------------------------------------------------------------
@@ -203,7 +213,7 @@ class TelegramReply:
             if await self._pacer.call(edit, required=False) is not None:
                 live.text = part.strip()
         except ChatMigrated as exc:  # the next update starts a message in the new chat
-            self._move(exc.new_chat_id)
+            self.move_to(exc.new_chat_id)
         except BadRequest as exc:
             if _not_modified(exc):
                 live.text = part.strip()
@@ -223,6 +233,8 @@ class TelegramReply:
             try:
                 await self._edit_final(live, part, html, keyboard)
                 return
+            except _Moved:
+                pass  # the part goes out in the new chat
             except BadRequest as exc:
                 if not _gone(exc):
                     raise
@@ -267,51 +279,59 @@ class TelegramReply:
         self, text: str, html: str | None, keyboard: InlineKeyboardMarkup | None
     ) -> Message:
         """A new message; formatted if `html` is given and Telegram accepts it. The first
-        message of a reply answers the user's message (in groups)."""
-        reply = None
-        if self._reply_to is not None and not self.message_ids:
-            reply = ReplyParameters(self._reply_to, allow_sending_without_reply=True)
+        message of a reply answers the user's message (in groups). Chat and reply target
+        are read when the request runs: a retry in a new chat takes the new ones."""
 
         def send(body: str, mode: str | None) -> Callable[[], Awaitable[Message]]:
-            return lambda: self.bot.send_message(
-                self.chat_id,
-                body,
-                parse_mode=mode,
-                reply_markup=keyboard,
-                reply_parameters=reply,
-                message_thread_id=self._thread_id,
-                link_preview_options=NO_PREVIEW,
-            )
+            async def request() -> Message:
+                reply = None
+                if self._reply_to is not None and not self.message_ids:
+                    reply = ReplyParameters(self._reply_to, allow_sending_without_reply=True)
+                return await self.bot.send_message(
+                    self.chat_id,
+                    body,
+                    parse_mode=mode,
+                    reply_markup=keyboard,
+                    reply_parameters=reply,
+                    message_thread_id=self._thread_id,
+                    link_preview_options=NO_PREVIEW,
+                )
+
+            return request
 
         message = None
         if html is not None:
             try:
-                message = await self._required(send(html, ParseMode.HTML))
+                message = await self._required(send(html, ParseMode.HTML), resend=True)
             except BadRequest as exc:
                 if not _formatting_refused(exc):
                     raise
                 log.warning("telegram: formatting refused (%s); plain text instead", exc)
         if message is None:
-            message = await self._required(send(text, None))
+            message = await self._required(send(text, None), resend=True)
         self.message_ids.append(message.message_id)
         return message
 
-    async def _required(self, call: Callable[[], Awaitable[T]]) -> T:
-        """The call, waited for; once more in the new chat if the group became a
-        supergroup (calls read self.chat_id when they run; an edit of a message left in
-        the old chat then fails as gone, and its text goes out as a new message)."""
+    async def _required(self, call: Callable[[], Awaitable[T]], *, resend: bool = False) -> T:
+        """The call, waited for. If the group has become a supergroup (ChatMigrated), the
+        reply moves there; a send (`resend`) goes again in the new chat, an edit raises
+        _Moved: its message stays behind in the old one."""
         try:
             result = await self._pacer.call(call, required=True)
         except ChatMigrated as exc:
-            self._move(exc.new_chat_id)
+            self.move_to(exc.new_chat_id)
+            if not resend:
+                raise _Moved from exc
             result = await self._pacer.call(call, required=True)
         assert result is not None, "a required request returns or raises"
         return result
 
-    def _move(self, chat_id: int) -> None:
+    def move_to(self, chat_id: int) -> None:
         """The group is now the supergroup `chat_id`: write there from now on. Messages
         already sent stay in the old chat, so none of them is edited or replied to."""
-        log.info("telegram: chat %s became %s in the middle of an answer", self.chat_id, chat_id)
+        if chat_id == self.chat_id:
+            return
+        log.info("telegram: chat %s is now %s; the answer goes on there", self.chat_id, chat_id)
         self.chat_id = chat_id
         self._pacer = self._pacer.moved(chat_id)
         self._reply_to = None
@@ -329,7 +349,7 @@ class TelegramReply:
                 except RetryAfter as exc:
                     self._pacer.hold(retry_seconds(exc))
                 except ChatMigrated as exc:
-                    self._move(exc.new_chat_id)
+                    self.move_to(exc.new_chat_id)
                 except TelegramError as exc:
                     log.debug("telegram: typing action failed in chat %s: %s", self.chat_id, exc)
             await asyncio.sleep(self._typing_every_s)

@@ -23,7 +23,7 @@ from bot.telegram_bot import run_telegram
 from bot.telegram_config import TelegramConfig
 from bot.telegram_handlers import NOT_TEXT
 from bot.telegram_pacing import Pacer, Pacing
-from bot.telegram_reply import INTERRUPTED, TelegramReply
+from bot.telegram_reply import INTERRUPTED, RATE_MOVED, TelegramReply
 from engine.config import ConfigError
 from engine.types import SamplingParams
 from tests.fakes.telegram_server import ApiCall, BotMessage, FakeTelegram
@@ -253,6 +253,28 @@ async def test_code_block_cut_by_a_split_is_reopened_in_the_next_message(
     assert sink.message_ids == [first.message_id, second.message_id]
 
 
+async def test_group_upgraded_after_the_last_message_gets_the_buttons_under_its_new_id(
+    fake: FakeTelegram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer filled its messages exactly, so only the rating buttons are left to
+    add, and the group is upgraded just then: its last message cannot be edited any
+    more, so the buttons come in the supergroup, under a line of their own."""
+    monkeypatch.setenv("PTB_TIMEDELTA", "true")
+    old, new = -4009, -1004009
+    fake.add_chat(old, chat_type="group")
+    answer = "a" * 4095 + "\n" + " " * 10  # one full message, then only whitespace
+    async with Bot(fake.token, base_url=fake.base_url) as bot:
+        sink = TelegramReply(bot, old, Pacer(FAST).chat(old, is_group=True), may_type=lambda: False)
+        await sink.update(answer)
+        fake.migrate_chat(old, new)
+        await sink.finish(answer, reply_id=1)
+    [full] = fake.bot_messages(old)
+    [buttons] = fake.bot_messages(new)
+    assert full.text == "a" * 4095 and not rated(full)
+    assert buttons.text == RATE_MOVED and rated(buttons)
+    assert sink.chat_id == new and sink.message_ids == [buttons.message_id]
+
+
 async def test_unicode_round_trips(fake: FakeTelegram, start_bot: Any) -> None:
     answer = "巴黎是法国的首都。🇫🇷 👨‍👩‍👧 مرحبا بالعالم — עברית 😀"
     bot = await start_bot(answer)
@@ -376,6 +398,7 @@ async def test_group_upgraded_mid_answer_gets_the_whole_answer_under_its_new_id(
     assert moved.text == answer.strip()
     assert len(fake.bot_messages(old)) == 1 and rated(moved)
     assert bot.rows("SELECT conv_key, chat_id FROM conversations") == [(f"{new}:7", str(new))]
+    assert bot.rows("SELECT DISTINCT chat_id FROM messages") == [(str(new),)]
     # Bob replies to the answer in the supergroup: Ann's conversation goes on.
     fake.send_text(
         new, "/ask and then?", chat_type="supergroup", user_id=8,
@@ -403,9 +426,41 @@ async def test_group_upgraded_before_the_first_message_gets_it_under_its_new_id(
 
     [message] = await answers(fake, new)
     assert message.text == ANSWER and not fake.bot_messages(old)
-    sends = [c.params["chat_id"] for c in fake.calls_of("sendMessage")]
-    assert sends == [old, new]  # refused once, then sent where the group is now
+    sends = [
+        (c.params["chat_id"], "reply_parameters" in c.params) for c in fake.calls_of("sendMessage")
+    ]
+    # Refused once, as an answer to the question; then sent where the group is now, as a
+    # message of its own (the question's id means nothing in the supergroup).
+    assert sends == [(old, True), (new, False)]
     assert bot.rows("SELECT conv_key, chat_id FROM conversations") == [(str(new), str(new))]
+
+
+async def test_turns_waiting_when_a_group_is_upgraded_are_answered_in_order_there(
+    fake: FakeTelegram, start_bot: Any
+) -> None:
+    """Two questions wait in the group (one being answered, one queued) when it becomes a
+    supergroup, and a third comes in the supergroup: all three are answered there, in
+    the order they were asked, in the one conversation the group had."""
+    old, new = -4010, -1004010
+    bot = await start_bot()
+    bot.model.gate.clear()  # nothing is answered until the group has been upgraded
+    ann: dict[str, Any] = {"user_id": 7, "first_name": "Ann"}
+    fake.send_text(old, "/ask one", chat_type="group", **ann)
+    fake.send_text(old, "/ask two", chat_type="group", **ann)
+    await settle(fake)
+    await upgrade_group(fake, old, new, 2)
+    fake.send_text(new, "/ask three", chat_type="supergroup", **ann)
+    await settle(fake)
+    bot.model.gate.set()
+
+    await answers(fake, new, 3)
+    assert not fake.bot_messages(old)
+    assert bot.rows("SELECT conv_key, chat_id FROM conversations") == [(str(new), str(new))]
+    assert bot.rows("SELECT DISTINCT chat_id FROM messages") == [(str(new),)]
+    store = bot.service.store
+    conversation = await store.open_conversation("telegram", str(new), str(new))
+    history = [m.text for m in await store.history(conversation)]
+    assert history == ["one", ANSWER, "two", ANSWER, "three", ANSWER]
 
 
 async def test_upgraded_group_on_the_allow_list_tells_the_admin_its_new_id(
