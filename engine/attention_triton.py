@@ -2,11 +2,11 @@
 
 Grid (batch, kv_head, split), or (kv_head, batch, split) with `heads_first`. A split is
 a fixed number of keys, or (`parts`) an equal share of its sequence in whole blocks.
-Each program takes the `group` query heads that share a
-KV head (GQA), walks its split of the sequence in blocks of BLOCK_N keys with an online
-softmax, and writes a partial (max, sum, weighted values). Splits past a sequence's
-length do no work, so the cost follows the real lengths, and nothing depends on host
-values: the step can live in a CUDA graph.
+Each program takes the `group` query heads that share a KV head (GQA), walks its split
+of the sequence in blocks of BLOCK_N keys with an online softmax, and writes a partial
+(max, sum, weighted values). Splits past a sequence's length do no work, so the cost
+follows the real lengths, and nothing depends on host values: the step can live in a
+CUDA graph.
 
 Two ways to merge the splits: a second kernel (`triton_decode_attention`), or, for a
 few sequences, the last split program of each (sequence, KV head) to finish, counted in
@@ -213,7 +213,7 @@ def _launch(
     # PDL (engine/pdl.py) where one kernel does all (few sequences); for the split and
     # merge pair it measured slower at batch 64 (156.8 against 144.3 us per layer), so
     # that pair launches as usual.
-    launch = pdl.launch(q.device) if counters is not None else {"PDL": False}
+    launch = pdl.launch(q.device, wanted=counters is not None)
     _split_kernel[grid](
         q, k_cache, v_cache, slots, lengths, acc, stats, out,
         counters if counters is not None else lengths, cos, sin,

@@ -54,9 +54,10 @@ def enabled(device: torch.device) -> bool:
     return _supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch(device: torch.device) -> dict[str, Any]:
-    """Keyword arguments for a kernel launch: (PDL=..., launch_pdl=True where enabled)."""
-    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+def launch(device: torch.device, wanted: bool = True) -> dict[str, Any]:
+    """Keyword arguments for a kernel launch: (PDL=..., launch_pdl=True where enabled
+    and `wanted`)."""
+    return {"PDL": True, "launch_pdl": True} if wanted and enabled(device) else {"PDL": False}
 
 
 @triton.jit
