@@ -30,9 +30,17 @@ from engine.attention import Settings, kernel_settings, reference_attention  # n
 from engine.attention_triton import triton_decode_attention  # noqa: E402
 
 
-def sweep(batch: int) -> list[Settings]:
+def sweep(batch: int, dot: bool) -> list[Settings]:
     """Fixed-size splits (the cache cut every `split` keys) and equal splits per sequence
-    (`parts`); past one sequence, each with the grid batch first and heads first."""
+    (`parts`); past one sequence, each with the grid batch first and heads first. dot:
+    the tensor-core variant instead, whose loads are pipelined (blocks, warps, stages)."""
+    if dot:
+        cuts = [(64, 0), (128, 0), (256, 0), (0, 2), (0, 4)] if batch > 1 else [(0, 16), (0, 32)]
+        deep = [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2)]
+        return [
+            Settings(split, block, w, stages, parts, batch > 1, dot=True)
+            for (split, parts), (block, w, stages) in itertools.product(cuts, deep)
+        ]
     if batch == 1:
         fixed = itertools.product((64, 128), (32, 64), (4, 8), (False,))
         equal = itertools.product((8, 16, 32), (32, 64), (4, 8), (False,))
@@ -47,7 +55,8 @@ def sweep(batch: int) -> list[Settings]:
 def label(settings: Settings) -> str:
     cut = f"parts{settings.parts}" if settings.parts else f"split{settings.split}"
     order = " heads-first" if settings.heads_first else ""
-    return f"{cut}/{settings.block_n}/{settings.warps}/{settings.stages}{order}"
+    dot = " dot" if settings.dot else ""
+    return f"{cut}/{settings.block_n}/{settings.warps}/{settings.stages}{order}{dot}"
 
 
 def time_layers(
@@ -83,6 +92,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--cases", nargs="+", help="only these cases (e.g. b64_ctx300-500)")
+    parser.add_argument(
+        "--sweep",
+        choices=("plain", "dot", "both"),
+        default="both",
+        help="which kernel variant's settings to sweep (the engine's setting is always timed)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     heads, dim, slots, tokens = 32, 128, 65, 2048
@@ -108,7 +123,13 @@ def main() -> None:
         expected = reference_attention(q, k_cache[0], v_cache[0], slot_ids, lengths).float()
         moved = int(lengths.sum()) * heads * dim * 2 * 2  # K and V, one layer
         timings = {}
-        for settings in sweep(batch):
+        engine = kernel_settings(batch)
+        candidates = [engine]
+        if args.sweep in ("plain", "both"):
+            candidates += sweep(batch, dot=False)
+        if args.sweep in ("dot", "both"):
+            candidates += sweep(batch, dot=True)
+        for settings in dict.fromkeys(candidates):
             try:
                 out = triton_decode_attention(
                     q, k_cache[0], v_cache[0], slot_ids, lengths, settings
@@ -123,7 +144,6 @@ def main() -> None:
                 continue
             timings[label(settings)] = round(us, 2)
         ranked = sorted(timings.items(), key=lambda kv: kv[1])
-        engine = kernel_settings(batch)
         current = timings.get(label(engine), math.nan)
         best_key, best_us = ranked[0]
         print(
@@ -137,7 +157,7 @@ def main() -> None:
                          "best": best_key, "best_us": best_us, "bytes_per_layer": moved,
                          "all": timings}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attention-bench.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / f"attention-bench-{args.sweep}.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class Settings(NamedTuple):
     stages: int = 3
     parts: int = 0  # > 0: each sequence cut into this many equal splits (a power of two)
     heads_first: bool = False  # grid (kv head, batch, split) instead of (batch, kv head, split)
+    dot: bool = False  # scores and values through tensor-core products (pipelined loads)
 
 
 # Batches up to this size take attention_triton.triton_rope_decode_attention (one kernel
@@ -49,18 +50,19 @@ FUSED_ROPE_ROWS = 4
 def kernel_settings(batch: int) -> Settings:
     """How to cut decode attention for a batch of this size, measured on an H200 with
     benchmarks/attention_bench.py (results in benchmarks/results/attention-bench-*.json).
-    A few sequences: each cut into at most 32 equal splits of whole blocks (batch 1, 128
-    keys: 8.2 -> 6.3 us per layer against splits of 64 keys, which leave most of the 32
-    split programs of a 2048-key slot empty). Larger batches fill the GPU with
-    sequences: long fixed splits, fewer warps, and the grid heads first, so programs
-    that start together read neighbouring heads of the same tokens (0-2% faster)."""
+    Every size takes the tensor-core variant: its key and value blocks stream through
+    shared memory several deep (batch 64, 300-500 keys: 144.5 -> 105.3 us per layer,
+    2.96 -> 4.06 TB/s). A few sequences: each cut into 16 equal splits of whole blocks
+    (batch 1, 128 keys: 6.6 -> 5.3 us). Larger batches fill the GPU with sequences: each
+    cut in halves (or every 256 keys), the grid heads first, so programs that start
+    together read neighbouring heads of the same tokens."""
     if batch <= FUSED_ROPE_ROWS:
-        return Settings(0, 32, 4, 3, parts=32)
+        return Settings(0, 32, 4, 3, parts=16, dot=True)
     if batch <= 16:
-        return Settings(64, 32, 2, 3, heads_first=True)
+        return Settings(0, 64, 4, 2, parts=2, heads_first=True, dot=True)
     if batch <= 32:
-        return Settings(128, 32, 2, 3, heads_first=True)
-    return Settings(256, 32, 2, 3, heads_first=True)
+        return Settings(256, 64, 4, 2, heads_first=True, dot=True)
+    return Settings(0, 64, 4, 3, parts=2, heads_first=True, dot=True)
 
 
 def decode_attention(

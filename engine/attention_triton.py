@@ -51,13 +51,16 @@ def _split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, PARTS: tl.constexpr,
     HEADS_FIRST: tl.constexpr, ROPE: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     """SPLIT keys per split, or (PARTS) each sequence cut into NSPLIT equal splits of
     whole blocks. HEADS_FIRST: the grid is (kv head, batch, split), so programs that
     start together read neighbouring heads of the same tokens. ROPE: Q is the
     (B, (H + 2K) * D) q/k/v row, un-rotated, and this sequence's new key and value (at
     position length - 1) are not in the cache yet. MERGE: the last split program of
-    (b, kv head) merges the splits into Out."""
+    (b, kv head) merges the splits into Out. DOT: scores and values through tensor-core
+    products, the query heads padded to GROUP_PAD >= 16 rows, so Triton's pipeliner
+    streams the key and value blocks into shared memory NUM_STAGES deep."""
     pdl.start(PDL)
     if HEADS_FIRST:
         kvh = tl.program_id(0)
@@ -110,6 +113,8 @@ def _split_kernel(
         s = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         end = tl.minimum(start + span, length)
+        if DOT:
+            q = q.to(K.dtype.element_ty)
         for block in range(start, end, BLOCK_N):
             n = block + tl.arange(0, BLOCK_N)
             n_ok = n < end
@@ -117,8 +122,11 @@ def _split_kernel(
                 K + slot * stride_ks + n[:, None] * stride_kt + kvh * stride_kh + d[None, :],
                 mask=n_ok[:, None],
                 other=0.0,
-            ).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (G, N)
+            )
+            if DOT:
+                scores = tl.dot(q, tl.trans(k)) * scale  # (G, N)
+            else:
+                scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
             scores = tl.where(n_ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp(scores - m_new[:, None])
@@ -127,8 +135,12 @@ def _split_kernel(
                 V + slot * stride_vs + n[:, None] * stride_vt + kvh * stride_vh + d[None, :],
                 mask=n_ok[:, None],
                 other=0.0,
-            ).to(tl.float32)
-            acc = acc * correction[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            )
+            if DOT:
+                weighted = tl.dot(p.to(v.dtype), v)
+            else:
+                weighted = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * correction[:, None] + weighted
             s = s * correction + tl.sum(p, axis=1)
             m = m_new
         tl.store(Acc + out_rows[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
@@ -209,6 +221,9 @@ def _launch(
     if rope is not None and counters is None:
         raise ValueError("the RoPE variant merges its own splits: it needs counters")
     cos, sin = rope if rope is not None else (q, q)
+    # Tensor-core products want at least 16 rows and half-precision operands (float32
+    # would run as TF32).
+    dot = settings.dot and k_cache.dtype in (torch.float16, torch.bfloat16)
     grid = (kv_heads, batch, nsplit) if settings.heads_first else (batch, kv_heads, nsplit)
     # PDL (engine/pdl.py) where one kernel does all (few sequences); for the split and
     # merge pair it measured slower at batch 64 (156.8 against 144.3 us per layer), so
@@ -222,10 +237,10 @@ def _launch(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         1.0 / math.sqrt(dim),
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=dim,
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16 if dot else 1), D=dim,
         SPLIT=settings.split, BLOCK_N=settings.block_n, NSPLIT=nsplit,
         PARTS=settings.parts > 0, HEADS_FIRST=settings.heads_first,
-        ROPE=rope is not None, MERGE=counters is not None,
+        ROPE=rope is not None, MERGE=counters is not None, DOT=dot,
         num_warps=settings.warps, num_stages=settings.stages, **launch,
     )  # fmt: skip
     if counters is None:
