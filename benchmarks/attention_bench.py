@@ -36,7 +36,15 @@ def sweep(batch: int, dot: bool) -> list[Settings]:
     the tensor-core variant instead, whose loads are pipelined (blocks, warps, stages)."""
     if dot:
         cuts = [(64, 0), (128, 0), (256, 0), (0, 2), (0, 4)] if batch > 1 else [(0, 16), (0, 32)]
-        deep = [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2)]
+        deep = [
+            (32, 4, 3),
+            (32, 4, 4),
+            (64, 4, 2),
+            (64, 4, 3),
+            (64, 8, 3),
+            (128, 4, 2),
+            (128, 8, 2),
+        ]
         return [
             Settings(split, block, w, stages, parts, batch > 1, dot=True)
             for (split, parts), (block, w, stages) in itertools.product(cuts, deep)
@@ -157,7 +165,9 @@ def main() -> None:
                          "best": best_key, "best_us": best_us, "bytes_per_layer": moved,
                          "all": timings}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"attention-bench-{args.sweep}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / f"attention-bench-{args.sweep}.json").write_text(
+        json.dumps(results, indent=1) + "\n"
+    )
 
 
 if __name__ == "__main__":
