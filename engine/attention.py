@@ -9,7 +9,8 @@ not the longest. Elsewhere (the CPU, or no Triton) the keys are gathered up to t
 batch's longest length and masked, through SDPA.
 
 Mixed-step attention (prompt chunks and decode rows together): torch's variable-length
-flash attention reading the keys in place from the slot cache. The trainer's packed
+flash attention for the chunks, reading the keys in place from the slot cache, and the
+Triton decode kernel for the decode rows after them. The trainer's packed
 rows: the same kernel over packed sequences (`varlen_causal`).
 """
 
@@ -82,6 +83,26 @@ def decode_attention(
     return gathered_decode_attention(q, k_cache, v_cache, slots, lengths)
 
 
+def decode_rows_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    first: torch.Tensor,
+    batch: int,
+    out: torch.Tensor,
+) -> None:
+    """A mixed step's decode rows, from row first[0] (a device tensor: the prompt rows
+    before them vary while a CUDA graph replays one shape) for at most `batch` rows, into
+    the same rows of out. CUDA with Triton (`flash_capable(q, over_cache=True)`)."""
+    from engine.attention_triton import triton_decode_rows_attention
+
+    triton_decode_rows_attention(
+        q, k_cache, v_cache, slots, positions, first, batch, out, kernel_settings(batch)
+    )
+
+
 def gathered_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -152,13 +173,14 @@ def _varlen() -> tuple[Any, frozenset[str]] | None:
 def flash_capable(x: torch.Tensor, over_cache: bool = False) -> bool:
     """Whether torch's varlen flash attention serves this tensor: fp16/bf16 on an Ampere
     or newer GPU, with a torch that has torch.nn.attention.varlen (2.10+); over_cache:
-    also the aten kernel `cache_flash_attention` calls."""
+    also the aten kernel `cache_flash_attention` calls, and Triton for the mixed step's
+    decode rows (`decode_rows_attention`)."""
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
         and _varlen() is not None
-        and (_HAS_ATEN_FLASH or not over_cache)
+        and (not over_cache or (_HAS_ATEN_FLASH and _HAS_TRITON))
     )
 
 

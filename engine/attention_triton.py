@@ -42,7 +42,7 @@ def _rotate(base, d, cos, sin, partner, sign):
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, Slots, Lens, Acc, Stats, Out, Counters, Cos, Sin,
+    Q, K, V, Slots, Lens, Acc, Stats, Out, Counters, Cos, Sin, First, rows,
     stride_qb, stride_qh,
     stride_ks, stride_kt, stride_kh,
     stride_vs, stride_vt, stride_vh,
@@ -51,7 +51,7 @@ def _split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, PARTS: tl.constexpr,
     HEADS_FIRST: tl.constexpr, ROPE: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, BASED: tl.constexpr,
 ):  # fmt: skip
     """SPLIT keys per split, or (PARTS) each sequence cut into NSPLIT equal splits of
     whole blocks. HEADS_FIRST: the grid is (kv head, batch, split), so programs that
@@ -60,19 +60,28 @@ def _split_kernel(
     position length - 1) are not in the cache yet. MERGE: the last split program of
     (b, kv head) merges the splits into Out. DOT: scores and values through tensor-core
     products, the query heads padded to GROUP_PAD >= 16 rows, so Triton's pipeliner
-    streams the key and value blocks into shared memory NUM_STAGES deep."""
+    streams the key and value blocks into shared memory NUM_STAGES deep. BASED: program
+    b serves row First[0] + b of Q, Slots, Lens and Out when that is below `rows`, and
+    Lens holds positions (the length is one more)."""
     pdl.start(PDL)
     if HEADS_FIRST:
         kvh = tl.program_id(0)
-        b = tl.program_id(1)
+        pb = tl.program_id(1)
         kv_heads = tl.num_programs(0)
     else:
-        b = tl.program_id(0)
+        pb = tl.program_id(0)
         kvh = tl.program_id(1)
         kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
     pdl.wait(PDL)
-    length = tl.load(Lens + b)
+    if BASED:  # rows First.. of the step; past `rows`, nothing to attend
+        b = pb + tl.load(First)
+        real = b < rows
+        b = tl.where(real, b, 0)
+        length = tl.where(real, tl.load(Lens + b) + 1, 0)
+    else:
+        b = pb
+        length = tl.load(Lens + b)
     slot = tl.load(Slots + b).to(tl.int64)
     if PARTS:
         span = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_N) * BLOCK_N
@@ -83,7 +92,7 @@ def _split_kernel(
     d = tl.arange(0, D)
     heads = kvh * GROUP + tl.minimum(g, GROUP - 1)  # padded heads re-read the last one
     g_ok = g < GROUP
-    out_rows = (b * kv_heads * GROUP + heads) * NSPLIT + split  # (GROUP_PAD,)
+    out_rows = (pb * kv_heads * GROUP + heads) * NSPLIT + split  # (GROUP_PAD,)
     if start < length:
         if ROPE:
             pos = length - 1
@@ -154,14 +163,14 @@ def _split_kernel(
         # and its release (acq_rel, gpu scope) publishes them to the program that draws
         # the last ticket, whose acquire comes before its reads.
         tl.debug_barrier()
-        ticket = tl.atomic_add(Counters + b * kv_heads + kvh, 1, sem="acq_rel", scope="gpu")
+        ticket = tl.atomic_add(Counters + pb * kv_heads + kvh, 1, sem="acq_rel", scope="gpu")
         if ticket == NSPLIT - 1:
             for i in tl.static_range(GROUP):
                 head = kvh * GROUP + i
-                row = (b * kv_heads * GROUP + head) * NSPLIT
+                row = (pb * kv_heads * GROUP + head) * NSPLIT
                 out = _merge_head(Acc, Stats, row, d, D, NSPLIT, ".cg")  # .cg: from L2
                 tl.store(Out + b * stride_ob + head * stride_oh + d, out.to(Out.dtype.element_ty))
-            tl.store(Counters + b * kv_heads + kvh, 0)  # zero again for the next call
+            tl.store(Counters + pb * kv_heads + kvh, 0)  # zero again for the next call
 
 
 @triton.jit
@@ -185,12 +194,17 @@ def _merge_head(Acc, Stats, row, d, D: tl.constexpr, NSPLIT: tl.constexpr, CACHE
 
 
 @triton.jit
-def _merge_kernel(Acc, Stats, Out, stride_ob, stride_oh, H, D: tl.constexpr, NSPLIT: tl.constexpr):
-    b = tl.program_id(0)
+def _merge_kernel(
+    Acc, Stats, Out, First, rows, stride_ob, stride_oh, H,
+    D: tl.constexpr, NSPLIT: tl.constexpr, BASED: tl.constexpr,
+):  # fmt: skip
+    pb = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
-    out = _merge_head(Acc, Stats, (b * H + h) * NSPLIT, d, D, NSPLIT, "")
-    tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty))
+    b = pb + tl.load(First) if BASED else pb
+    out = _merge_head(Acc, Stats, (pb * H + h) * NSPLIT, d, D, NSPLIT, "")
+    keep = (d * 0 + b) < rows  # (D,): the rows past `rows` are not this step's
+    tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=keep)
 
 
 def _launch(
@@ -204,8 +218,11 @@ def _launch(
     settings: Settings,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     counters: torch.Tensor | None = None,
+    based: tuple[torch.Tensor, int] | None = None,
 ) -> None:
-    batch, dim = lengths.shape[0], k_cache.shape[-1]
+    """based: (first, batch): programs for `batch` rows from row first[0] of q, slots,
+    lengths (then positions) and out, those below q's rows."""
+    batch, dim = based[1] if based else lengths.shape[0], k_cache.shape[-1]
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
     if settings.parts > 0:
@@ -221,6 +238,8 @@ def _launch(
     if rope is not None and counters is None:
         raise ValueError("the RoPE variant merges its own splits: it needs counters")
     cos, sin = rope if rope is not None else (q, q)
+    first = based[0] if based else lengths  # (unread without `based`)
+    rows = q.shape[0]
     # Tensor-core products want at least 16 rows and half-precision operands (float32
     # would run as TF32).
     dot = settings.dot and k_cache.dtype in (torch.float16, torch.bfloat16)
@@ -231,7 +250,7 @@ def _launch(
     launch = pdl.launch(q.device, wanted=counters is not None)
     _split_kernel[grid](
         q, k_cache, v_cache, slots, lengths, acc, stats, out,
-        counters if counters is not None else lengths, cos, sin,
+        counters if counters is not None else lengths, cos, sin, first, rows,
         q.stride(0), 0 if rope is not None else q.stride(1),  # RoPE: heads are D apart
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -240,13 +259,14 @@ def _launch(
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16 if dot else 1), D=dim,
         SPLIT=settings.split, BLOCK_N=settings.block_n, NSPLIT=nsplit,
         PARTS=settings.parts > 0, HEADS_FIRST=settings.heads_first,
-        ROPE=rope is not None, MERGE=counters is not None, DOT=dot,
+        ROPE=rope is not None, MERGE=counters is not None, DOT=dot, BASED=based is not None,
         num_warps=settings.warps, num_stages=settings.stages, **launch,
     )  # fmt: skip
     if counters is None:
         _merge_kernel[(batch, heads)](
-            acc, stats, out, out.stride(0), out.stride(1), heads, D=dim, NSPLIT=nsplit
-        )
+            acc, stats, out, first, rows, out.stride(0), out.stride(1), heads,
+            D=dim, NSPLIT=nsplit, BASED=based is not None,
+        )  # fmt: skip
 
 
 def triton_decode_attention(
@@ -261,6 +281,30 @@ def triton_decode_attention(
     out = torch.empty_like(q)
     _launch(q, k_cache, v_cache, slots, lengths, q.shape[1], out, settings)
     return out
+
+
+def triton_decode_rows_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    first: torch.Tensor,
+    batch: int,
+    out: torch.Tensor,
+    settings: Settings,
+) -> None:
+    """The decode rows of a mixed step, found on the device: rows first[0] ..
+    first[0] + batch - 1 of q (N, H, D) that are below N attend over their slot's first
+    position + 1 keys (slots, positions: (N,)), written into the same rows of out
+    (N, H, D); out's other rows are left as they are. The step's shapes fix `batch`
+    (a CUDA graph replays it) while the number of prompt rows before it varies."""
+    if out.shape != q.shape or slots.shape[0] != q.shape[0] or positions.shape != slots.shape:
+        raise ValueError("q, out, slots and positions must cover the same rows")
+    if batch > 0:
+        _launch(
+            q, k_cache, v_cache, slots, positions, q.shape[1], out, settings, based=(first, batch)
+        )
 
 
 def triton_rope_decode_attention(

@@ -7,9 +7,10 @@ a handful of large matrix products per layer. The KV cache is allocated once:
 request ends, so the next turn of the same chat reuses them (prefix reuse).
 
 A mixed step (`forward`, `run_plan`) runs prompt chunks and decode rows in one pass: on
-a GPU with flash attention, every row's attention is one varlen flash call that reads
-the keys in place from the slots (and the pass can be replayed as a CUDA graph, padded
-to a bucket of rows); elsewhere SDPA per chunk, causal over the slot's cache. A decode
+a GPU with flash attention, the chunks' attention is one varlen flash call that reads
+the keys in place from the slots and the decode rows take the decode-attention kernel
+(and the pass can be replayed as a CUDA graph, padded to a bucket of rows); elsewhere
+SDPA per chunk, causal over the slot's cache. A decode
 step (`decode`) runs one token for each of B sequences, reading each sequence's cache
 up to its own length (a Triton kernel on CUDA, which for a few sequences also applies
 RoPE and caches the new key and value; gathered SDPA elsewhere). Decode's matrix
@@ -32,6 +33,7 @@ from engine.attention import (
     FUSED_ROPE_ROWS,
     cache_flash_attention,
     decode_attention,
+    decode_rows_attention,
     flash_capable,
     kernel_settings,
 )
@@ -210,11 +212,16 @@ class LlamaRunner:
             q = self._project_and_cache(index, layer, h, plan.positions, plan.slots)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             if plan.flash is not None:
-                # Every row in one varlen flash call, keys read in place from the slots.
+                # The chunks in one varlen flash call, keys read in place from the slots;
+                # the decode rows after them through the decode-attention kernel.
                 f = plan.flash
                 out = cache_flash_attention(
                     q, k_cache, v_cache, f.cu_q, f.cu_k, f.used, f.max_q, self.slot_tokens
                 )
+                decode_rows_attention(
+                    q, k_cache, v_cache, plan.slots, plan.positions, plan.decode_first,
+                    plan.decode_capacity, out,
+                )  # fmt: skip
             else:
                 parts = []
                 if rows:

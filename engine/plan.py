@@ -1,7 +1,8 @@
 """The layout of one mixed step's rows (engine/llama.LlamaRunner.run_plan): prompt
 chunks first, then decode rows; their tokens, positions and slots, the rows whose
-logits are returned, and the sequence layout of the step's varlen flash call, uploaded
-in one host-to-device copy. Padded to fixed sizes, a plan is what a CUDA graph of the
+logits are returned, the sequence layout of the step's varlen flash call (the chunks)
+and where its decode rows start (for the decode-attention kernel), uploaded in one
+host-to-device copy. Padded to fixed sizes, a plan is what a CUDA graph of the
 step replays with new contents (engine/decode_graphs.MixedGraphs).
 """
 
@@ -17,9 +18,9 @@ from engine.sampling_batch import upload
 
 @dataclass
 class FlashPlan:
-    """Every row's sequence for one varlen flash call that reads the keys in place from
-    the slot cache: the prompt chunks, then each decode row as a sequence of one query.
-    Sequence i's queries are rows cu_q[i]:cu_q[i+1]; its keys are the first used[i]
+    """The prompt chunks as the sequences of one varlen flash call that reads the keys
+    in place from the slot cache (the decode rows after them take the Triton
+    decode-attention kernel: faster than flash for one query). Sequence i's queries are rows cu_q[i]:cu_q[i+1]; its keys are the first used[i]
     positions of its slot, which starts at row cu_k[i] = slot * slot_tokens of the
     flattened cache (given used, flash attention reads only cu_k[i], so the offsets
     need not grow). Padded sequences are empty."""
@@ -55,6 +56,8 @@ class Plan:
     prefill_rows: int
     decode_rows: int
     flash: FlashPlan | None
+    decode_first: torch.Tensor  # (1,) the first decode row, on the device
+    decode_capacity: int  # decode rows the step's shapes allow (padded: the most there can be)
 
     @classmethod
     def build(
@@ -90,9 +93,6 @@ class Plan:
             tokens.append(token)
             positions.append(position)
             slots.append(slot)
-            cu_q.append(len(tokens))
-            cu_k.append(slot * slot_tokens)
-            used.append(position + 1)
         max_q = max((length for _, length, _ in layout), default=1)
         if pad is not None:
             assert len(tokens) <= pad.rows and len(outputs) <= pad.seqs, (len(tokens), pad)
@@ -105,12 +105,11 @@ class Plan:
             max_q = pad.rows
         cu_k += [0] * (len(cu_q) - len(cu_k))
         # One host-to-device copy for all the step's indices.
-        sizes = [len(tokens)] * 3 + [len(outputs)]
+        sizes = [len(tokens)] * 3 + [len(outputs), 1]
+        values = tokens + positions + slots + outputs + [prefill_rows]
         if flash:
             sizes += [len(cu_q), len(cu_k), len(used)]
-            values = tokens + positions + slots + outputs + cu_q + cu_k + used
-        else:
-            values = tokens + positions + slots + outputs
+            values += cu_q + cu_k + used
         packed = upload(values, device, torch.int32)
         views = packed.split(sizes)
         return cls(
@@ -123,5 +122,7 @@ class Plan:
             chunk_rows=firsts,
             prefill_rows=prefill_rows,
             decode_rows=len(decode),
-            flash=FlashPlan(views[4], views[5], views[6], max_q) if flash else None,
+            flash=FlashPlan(views[5], views[6], views[7], max_q) if flash else None,
+            decode_first=views[4],
+            decode_capacity=pad.seqs if pad is not None else len(decode),
         )

@@ -155,6 +155,45 @@ def test_decode_attention_matches_float64_reference_in_the_interpreter() -> None
         assert same, case
 
 
+# A mixed step's decode rows: the rows from first[0] (a device value), at most `batch` of
+# them and none past the step's rows, attend over position + 1 keys; the rows before them
+# (prompt rows, flash attention's) and after them are left as they were.
+ROWS_SCRIPT = """
+import json, sys
+import torch
+from engine.attention import Settings, reference_attention
+from engine.attention_triton import triton_decode_rows_attention
+
+torch.manual_seed(0)
+for heads, kv_heads, dtype in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
+    k = torch.randn(6, 64, kv_heads, 32).to(dtype)
+    v = torch.randn_like(k)
+    q = torch.randn(9, heads, 32).to(dtype)
+    slots = torch.tensor([0, 0, 0, 5, 0, 3, 1, 2, 4])
+    positions = torch.tensor([0, 1, 2, 15, 0, 36, 63, 4, 0])
+    settings = Settings(16, 16, dot=dtype != torch.bfloat16)
+    for first, batch in ((3, 6), (3, 8), (5, 2)):
+        out = torch.full_like(q, 7.0)
+        at = torch.tensor([first], dtype=torch.int32)
+        triton_decode_rows_attention(q, k, v, slots, positions, at, batch, out, settings)
+        stop = min(first + batch, 9)
+        part = slice(first, stop)
+        ref = reference_attention(q[part], k, v, slots[part], positions[part] + 1).double()
+        error = ((out[part].double() - ref).norm() / ref.norm()).item()
+        kept = bool((out[:first] == 7).all() and (out[stop:] == 7).all())
+        print(json.dumps([error, kept]))
+"""
+
+
+def test_mixed_step_decode_rows_start_where_the_device_says() -> None:
+    results = run_interpreted(ROWS_SCRIPT, ATTENTION_CASES[1:], per_case=3)
+    assert len(results) == 6
+    for error, kept in results:
+        assert error < 1e-2, error
+        assert kept
+
+
 @pytest.mark.parametrize(
     ("settings", "says"),
     [
