@@ -16,6 +16,13 @@ the program whose split holds the new position writes the rotated key and the va
 into the cache first. At batch 1 it replaces three kernels per layer with one; at
 large batches every program's barrier and atomic cost more than the merge kernel
 (benchmarks/results/notes-2026-11-29-gpu-session4.md).
+
+The engine's settings take the tensor-core variant (`Settings.dot`): the queries padded
+to 16 rows, so scores and values are tl.dot products and Triton pipelines the key and
+value blocks through shared memory (cp.async), which the elementwise variant's loads
+into registers never were (an H200 at batch 64: 2.96 -> 4.06 TB/s). A mixed step's
+decode rows (`triton_decode_rows_attention`) start at a row the device holds, so one
+CUDA graph serves any number of prompt rows before them.
 """
 
 from __future__ import annotations
@@ -238,6 +245,10 @@ def _launch(
     if rope is not None and counters is None:
         raise ValueError("the RoPE variant merges its own splits: it needs counters")
     cos, sin = rope if rope is not None else (q, q)
+    if based and counters is not None:
+        raise ValueError("the rows variant merges in a second kernel: no counters")
+    if settings.dot and settings.block_n < 16:
+        raise ValueError(f"tensor-core blocks need block_n >= 16, got {settings}")
     first = based[0] if based else lengths  # (unread without `based`)
     rows = q.shape[0]
     # Tensor-core products want at least 16 rows and half-precision operands (float32
@@ -301,6 +312,8 @@ def triton_decode_rows_attention(
     (a CUDA graph replays it) while the number of prompt rows before it varies."""
     if out.shape != q.shape or slots.shape[0] != q.shape[0] or positions.shape != slots.shape:
         raise ValueError("q, out, slots and positions must cover the same rows")
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or out.dtype != q.dtype:
+        raise ValueError("q and out must be unit-stride rows of one dtype")
     if batch > 0:
         _launch(
             q, k_cache, v_cache, slots, positions, q.shape[1], out, settings, based=(first, batch)

@@ -95,7 +95,8 @@ class LlamaRunner:
             # torch sends SDPA to cuDNN by default, which builds a plan for every new
             # shape (40 ms - 2 s); prefill meets a new length every chunk.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        # Mixed steps through varlen flash attention where torch has it for this GPU.
+        # Mixed steps' chunks through varlen flash attention where torch has it for this
+        # GPU, their decode rows through the Triton decode kernel.
         self.flash = flash_capable(self.embed, over_cache=True)
         # Fused Triton kernels on CUDA; plain PyTorch ops elsewhere.
         self.fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -215,9 +216,12 @@ class LlamaRunner:
                 # The chunks in one varlen flash call, keys read in place from the slots;
                 # the decode rows after them through the decode-attention kernel.
                 f = plan.flash
-                out = cache_flash_attention(
-                    q, k_cache, v_cache, f.cu_q, f.cu_k, f.used, f.max_q, self.slot_tokens
-                )
+                if f.cu_q.shape[0] > 1:
+                    out = cache_flash_attention(
+                        q, k_cache, v_cache, f.cu_q, f.cu_k, f.used, f.max_q, self.slot_tokens
+                    )
+                else:  # decode rows only (an unpadded plan without chunks)
+                    out = torch.empty_like(q)
                 decode_rows_attention(
                     q, k_cache, v_cache, plan.slots, plan.positions, plan.decode_first,
                     plan.decode_capacity, out,

@@ -20,10 +20,13 @@ from engine.sampling_batch import upload
 class FlashPlan:
     """The prompt chunks as the sequences of one varlen flash call that reads the keys
     in place from the slot cache (the decode rows after them take the Triton
-    decode-attention kernel: faster than flash for one query). Sequence i's queries are rows cu_q[i]:cu_q[i+1]; its keys are the first used[i]
-    positions of its slot, which starts at row cu_k[i] = slot * slot_tokens of the
-    flattened cache (given used, flash attention reads only cu_k[i], so the offsets
-    need not grow). Padded sequences are empty."""
+    decode-attention kernel: faster than flash for one query). Sequence i's queries are
+    rows cu_q[i]:cu_q[i+1]; its keys are the first used[i] positions of its slot, which
+    starts at row cu_k[i] = slot * slot_tokens of the flattened cache (given used, flash
+    attention reads only cu_k[i], so the offsets need not grow). Padded sequences are
+    empty. max_q is at least 2: at 1, flash attention takes every row of q for one
+    sequence's query (its grouped-heads shortcut), but the decode rows follow the
+    chunks in q."""
 
     cu_q: torch.Tensor  # (C + 1,) int32
     cu_k: torch.Tensor  # (C + 1,) int32; the last is never read
@@ -93,7 +96,7 @@ class Plan:
             tokens.append(token)
             positions.append(position)
             slots.append(slot)
-        max_q = max((length for _, length, _ in layout), default=1)
+        max_q = max([2] + [length for _, length, _ in layout])  # at least 2: FlashPlan
         if pad is not None:
             assert len(tokens) <= pad.rows and len(outputs) <= pad.seqs, (len(tokens), pad)
             extra = pad.rows - len(tokens)

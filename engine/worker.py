@@ -314,6 +314,9 @@ class LocalEngine:
             request.stream.push(tail)
         self._tokens_generated += len(generated)
         now = time.perf_counter()
+        # No longer counted before the answer is published (as the batched scheduler
+        # does): a caller that saw its answer end must not still find it in queue_depth.
+        self._active = 0
         request.stream.finish(
             Completion(
                 text="".join(text),

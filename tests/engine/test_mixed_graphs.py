@@ -1,5 +1,6 @@
-"""Mixed steps on the GPU: flash attention reading keys in place from the slot cache,
-and the step replayed from CUDA graphs. Skipped without CUDA (run on the GPU machine)."""
+"""Mixed steps on the GPU: flash attention reading keys in place from the slot cache
+(the chunks; the decode rows take the Triton decode kernel), and the step replayed from
+CUDA graphs. Skipped without CUDA (run on the GPU machine)."""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def test_decode_attention_matches_float64_reference_in_the_interpreter() -> None
 # them and none past the step's rows, attend over position + 1 keys; the rows before them
 # (prompt rows, flash attention's) and after them are left as they were.
 ROWS_SCRIPT = """
-import json, sys
+import itertools, json, sys
 import torch
 from engine.attention import Settings, reference_attention
 from engine.attention_triton import triton_decode_rows_attention
@@ -172,8 +172,11 @@ for heads, kv_heads, dtype in json.loads(sys.argv[1]):
     q = torch.randn(9, heads, 32).to(dtype)
     slots = torch.tensor([0, 0, 0, 5, 0, 3, 1, 2, 4])
     positions = torch.tensor([0, 1, 2, 15, 0, 36, 63, 4, 0])
-    settings = Settings(16, 16, dot=dtype != torch.bfloat16)
-    for first, batch in ((3, 6), (3, 8), (5, 2)):
+    dot = dtype != torch.bfloat16
+    for settings, (first, batch) in itertools.product(
+        (Settings(16, 16, dot=dot), Settings(0, 16, parts=2, heads_first=True, dot=dot)),
+        ((3, 6), (3, 8), (5, 2)),
+    ):
         out = torch.full_like(q, 7.0)
         at = torch.tensor([first], dtype=torch.int32)
         triton_decode_rows_attention(q, k, v, slots, positions, at, batch, out, settings)
@@ -187,8 +190,8 @@ for heads, kv_heads, dtype in json.loads(sys.argv[1]):
 
 
 def test_mixed_step_decode_rows_start_where_the_device_says() -> None:
-    results = run_interpreted(ROWS_SCRIPT, ATTENTION_CASES[1:], per_case=3)
-    assert len(results) == 6
+    results = run_interpreted(ROWS_SCRIPT, ATTENTION_CASES[1:], per_case=6)
+    assert len(results) == 12
     for error, kept in results:
         assert error < 1e-2, error
         assert kept
