@@ -68,8 +68,9 @@ class EngineConfig:
     stall_timeout_s: float = 120.0
     threads: int = 0
     # Continuous batching (LLaMA-family models without quantization): sequences served at
-    # once (0 = auto), tokens each can hold (0 = min(context, 4096)), prompt tokens
-    # prefilled per step, and the decode step as CUDA graphs on a GPU.
+    # once (0 = auto), tokens each can hold (0 = min(context, 4096)), rows per step while
+    # prompts wait (one per answering chat, the rest, at least half, prompt tokens), and
+    # the decode step as CUDA graphs on a GPU.
     slots: int = 0
     slot_tokens: int = 0
     prefill_chunk: int = 512

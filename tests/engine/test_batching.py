@@ -83,3 +83,34 @@ async def test_a_cancelled_chat_frees_its_slot(make_engine: Any) -> None:
     assert answer
     assert engine.queue_depth == 0
     assert engine.tokens_generated < 900
+
+
+async def test_answering_chats_count_against_the_prefill_chunk(make_engine: Any) -> None:
+    """While a prompt is computed, each chat already answering takes one of the step's
+    `prefill_chunk` rows (a step's size, which sets everyone's gap between tokens, stays
+    put as chats join), and prompts keep at least half of them."""
+    engine = make_engine(slots=4, prefill_chunk=16)
+    runner = engine._scheduler.runner
+    steps: list[tuple[int, int]] = []  # (prompt rows, decode rows) of each mixed step
+    forward = runner.forward
+
+    def recording(chunks: Any, decode: Any = ()) -> Any:
+        steps.append((sum(len(ids) for _, ids, _ in chunks), len(decode)))
+        return forward(chunks, decode)
+
+    runner.forward = recording
+    engine.chat_format.stop_token_ids = frozenset()  # the answers run their full length
+    long = SamplingParams(max_new_tokens=200, temperature=0)
+    talking = [
+        asyncio.create_task(engine.stream(chat(f"Tell me a story {i}."), long).collect())
+        for i in range(3)
+    ]
+    async with asyncio.timeout(30):  # all three answering before the long prompt comes
+        while len(engine._scheduler.decoding) < 3:
+            await asyncio.sleep(0.005)
+    late = await engine.stream(chat("Summarise: " + "the sea is wide " * 20), GREEDY).collect()
+    assert late and all(await asyncio.gather(*talking))
+    busy = [(prompt, decode) for prompt, decode in steps if decode == 3]
+    assert len(busy) >= 2, steps  # the late prompt took more than one step
+    assert all(prompt + decode <= 16 for prompt, decode in busy), steps
+    assert any(prompt == 13 for prompt, _ in busy), steps  # full steps: 13 + 3 rows
