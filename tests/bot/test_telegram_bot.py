@@ -5,6 +5,7 @@ scripted model. Every assertion is on what the fake server saw or what was store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import sqlite3
@@ -142,6 +143,15 @@ async def texts(fake: FakeTelegram, chat: int, count: int) -> list[str]:
 
 def chat_calls(fake: FakeTelegram, chat: int) -> list[ApiCall]:
     return [c for c in fake.calls if c.method in CHAT_METHODS and c.params.get("chat_id") == chat]
+
+
+async def stored(fake: FakeTelegram, bot: Any, query: str, expected: list[tuple]) -> None:
+    """Asserts `query`'s rows, once they are there: a turn whose answer followed its
+    group into the supergroup moves its rows to the new id just after the answer's
+    rating buttons show (the chat's next turn waits for it; a test does not)."""
+    with contextlib.suppress(AssertionError):
+        await fake.wait_for(lambda: bot.rows(query) == expected, timeout=5)
+    assert bot.rows(query) == expected
 
 
 async def settle(fake: FakeTelegram, seconds: float = 0.4) -> None:
@@ -397,8 +407,8 @@ async def test_group_upgraded_mid_answer_gets_the_whole_answer_under_its_new_id(
     [moved] = await answers(fake, new)
     assert moved.text == answer.strip()
     assert len(fake.bot_messages(old)) == 1 and rated(moved)
+    await stored(fake, bot, "SELECT DISTINCT chat_id FROM messages", [(str(new),)])
     assert bot.rows("SELECT conv_key, chat_id FROM conversations") == [(f"{new}:7", str(new))]
-    assert bot.rows("SELECT DISTINCT chat_id FROM messages") == [(str(new),)]
     # Bob replies to the answer in the supergroup: Ann's conversation goes on.
     fake.send_text(
         new, "/ask and then?", chat_type="supergroup", user_id=8,
@@ -432,6 +442,7 @@ async def test_group_upgraded_before_the_first_message_gets_it_under_its_new_id(
     # Refused once, as an answer to the question; then sent where the group is now, as a
     # message of its own (the question's id means nothing in the supergroup).
     assert sends == [(old, True), (new, False)]
+    await stored(fake, bot, "SELECT DISTINCT chat_id FROM messages", [(str(new),)])
     assert bot.rows("SELECT conv_key, chat_id FROM conversations") == [(str(new), str(new))]
 
 
