@@ -83,26 +83,6 @@ def decode_attention(
     return gathered_decode_attention(q, k_cache, v_cache, slots, lengths)
 
 
-def decode_rows_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    first: torch.Tensor,
-    batch: int,
-    out: torch.Tensor,
-) -> None:
-    """A mixed step's decode rows, from row first[0] (a device tensor: the prompt rows
-    before them vary while a CUDA graph replays one shape) for at most `batch` rows, into
-    the same rows of out. CUDA with Triton (`flash_capable(q, over_cache=True)`)."""
-    from engine.attention_triton import triton_decode_rows_attention
-
-    triton_decode_rows_attention(
-        q, k_cache, v_cache, slots, positions, first, batch, out, kernel_settings(batch)
-    )
-
-
 def gathered_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -174,7 +154,7 @@ def flash_capable(x: torch.Tensor, over_cache: bool = False) -> bool:
     """Whether torch's varlen flash attention serves this tensor: fp16/bf16 on an Ampere
     or newer GPU, with a torch that has torch.nn.attention.varlen (2.10+); over_cache:
     also the aten kernel `cache_flash_attention` calls, and Triton for the mixed step's
-    decode rows (`decode_rows_attention`)."""
+    decode rows (attention_triton.triton_decode_rows_attention)."""
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)

@@ -4,10 +4,10 @@ Each iteration takes new requests while slots are free, then runs one step (vLLM
 EngineCore.step: schedule -> step -> publish). While prompts wait, a step carries every
 generating sequence's next token and fills the rest of `prefill_chunk` rows with their
 tokens (at least half of it: mixed prefill and decode, as vLLM's chunked prefill does
-with its token budget); otherwise
-it is a decode step for every generating sequence. On a GPU decode steps are replayed
-from CUDA graphs (engine/decode_graphs.py), and mixed steps too where flash attention
-serves the model (bf16/fp16 on an Ampere or newer GPU).
+with its token budget); otherwise it is a decode step for every generating sequence.
+On a GPU decode steps are replayed from CUDA graphs (engine/decode_graphs.py), and
+mixed steps too where flash attention serves the model (bf16/fp16 on an Ampere or newer
+GPU).
 Requests join between steps and leave the moment they finish. A finished sequence's
 slot keeps its KV, so the next turn of the same chat prefills only what is new (prefix
 reuse); idle slots are taken least recently used first.

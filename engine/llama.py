@@ -33,7 +33,6 @@ from engine.attention import (
     FUSED_ROPE_ROWS,
     cache_flash_attention,
     decode_attention,
-    decode_rows_attention,
     flash_capable,
     kernel_settings,
 )
@@ -222,9 +221,11 @@ class LlamaRunner:
                     )
                 else:  # decode rows only (an unpadded plan without chunks)
                     out = torch.empty_like(q)
-                decode_rows_attention(
+                from engine.attention_triton import triton_decode_rows_attention
+
+                triton_decode_rows_attention(
                     q, k_cache, v_cache, plan.slots, plan.positions, plan.decode_first,
-                    plan.decode_capacity, out,
+                    plan.decode_capacity, out, kernel_settings(plan.decode_capacity),
                 )  # fmt: skip
             else:
                 parts = []

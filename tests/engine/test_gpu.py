@@ -192,39 +192,6 @@ def test_mixed_step_with_flash_prefill_matches_separate_sdpa_steps(kv_heads: int
     assert (flash_logits.argmax(-1) == sdpa_logits.argmax(-1)).float().mean() >= 0.75
 
 
-def test_eager_mixed_steps_of_one_token_chunks_or_no_chunk_match_sdpa() -> None:
-    """Eager mixed steps (no CUDA graph pads them) whose prompt chunks are one token (a
-    prompt all but one token of which is cached) or that have none: flash attention sees
-    only the chunks while q also holds the decode rows, and its one-query shortcut for
-    grouped heads must not take all of q for one sequence."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from engine.llama import LlamaRunner
-
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=500, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    prefix = [int(t) for t in torch.randint(5, 500, (60,))]
-    steps = [
-        ([(0, [7], 60), (1, [8], 60)], [(17, 2, 60)]),  # one-token chunks, a decode row
-        ([], [(9, 0, 61), (10, 1, 61), (11, 2, 61)]),  # decode rows only
-    ]
-    results = []
-    for flash in (True, False):
-        runner = LlamaRunner(model, slots=3, slot_tokens=128)
-        runner.flash = flash
-        with torch.inference_mode():
-            runner.forward([(slot, prefix, 0) for slot in range(3)])
-            results.append([runner.forward(c, d).float() for c, d in steps])
-    for got, expected in zip(*results, strict=True):
-        assert got.shape == expected.shape
-        error = (got - expected).norm() / expected.norm()
-        assert error < 2e-2, error
-
-
 @pytest.mark.parametrize(("heads", "kv_heads"), [(32, 32), (8, 2)])
 def test_rope_decode_attention_matches_the_separate_kernels(heads: int, kv_heads: int) -> None:
     """bf16 on the GPU: one kernel for RoPE, the cache write, attention and the merge

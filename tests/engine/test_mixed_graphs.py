@@ -4,6 +4,8 @@ CUDA graphs. Skipped without CUDA (run on the GPU machine)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -59,12 +61,12 @@ def test_cache_flash_attention_reads_each_slot_in_place(kv_heads: int) -> None:
         assert (got - expected).abs().max() < 2e-2, (slot, start, length)
 
 
-def tiny_runner(slots: int = 5, slot_tokens: int = 512) -> tuple[object, object]:
+def tiny_runner(slots: int = 5, slot_tokens: int = 512, seed: int = 1) -> tuple[Any, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.llama import LlamaRunner
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=500, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=2,
@@ -111,6 +113,32 @@ def test_mixed_graph_replays_match_the_eager_step() -> None:
         assert (replayed.argmax(-1) == eager.argmax(-1)).all()
     for eager, replayed in zip(*caches, strict=True):
         torch.testing.assert_close(replayed, eager, atol=2e-2, rtol=2e-2)
+
+
+def test_eager_mixed_steps_of_one_token_chunks_or_no_chunk_match_sdpa() -> None:
+    """Eager mixed steps (no CUDA graph pads them) whose prompt chunks are one token (a
+    prompt all but one token of which is cached) or that have none: flash attention sees
+    only the chunks while q also holds the decode rows, and its one-query shortcut for
+    grouped heads must not take all of q for one sequence."""
+    from engine.llama import LlamaRunner
+
+    model, flash_runner = tiny_runner(slots=3, slot_tokens=128, seed=3)
+    sdpa_runner = LlamaRunner(model, slots=3, slot_tokens=128)
+    sdpa_runner.flash = False
+    prefix = [int(t) for t in torch.randint(5, 500, (60,))]
+    steps = [
+        ([(0, [7], 60), (1, [8], 60)], [(17, 2, 60)]),  # one-token chunks, a decode row
+        ([], [(9, 0, 61), (10, 1, 61), (11, 2, 61)]),  # decode rows only
+    ]
+    results = []
+    for runner in (flash_runner, sdpa_runner):
+        with torch.inference_mode():
+            runner.forward([(slot, prefix, 0) for slot in range(3)])
+            results.append([runner.forward(c, d).float() for c, d in steps])
+    for got, expected in zip(*results, strict=True):
+        assert got.shape == expected.shape
+        error = (got - expected).norm() / expected.norm()
+        assert error < 2e-2, error
 
 
 def test_rows_beyond_the_largest_bucket_run_eagerly() -> None:
