@@ -35,16 +35,16 @@ import triton.language as tl
 
 from engine import pdl
 from engine.attention import Settings
+from engine.fused_triton import NO_FMA, hf_rope
 
 
 @triton.jit
 def _rotate(base, d, cos, sin, partner, sign):
     """RoPE of the D-wide rows at `base` (a tensor of row starts) with transformers'
-    roundings: (x * cos) + (rotate_half(x) * sin), each product in the model's dtype
-    (as engine/fused_triton.py's cache kernel)."""
+    roundings (engine/fused_triton.hf_rope: the kernel launches with NO_FMA)."""
     x = tl.load(base[:, None] + d[None, :])
     x_rot = tl.load(base[:, None] + partner[None, :]) * sign.to(x.dtype)[None, :]
-    return ((x * cos[None, :]).to(x.dtype) + (x_rot * sin[None, :]).to(x.dtype)).to(x.dtype)
+    return hf_rope(x, x_rot, cos[None, :], sin[None, :])
 
 
 @triton.jit
@@ -259,6 +259,8 @@ def _launch(
     # merge pair it measured slower at batch 64 (156.8 against 144.3 us per layer), so
     # that pair launches as usual.
     launch = pdl.launch(q.device, wanted=counters is not None)
+    if rope is not None:
+        launch |= NO_FMA  # RoPE with HF's roundings (fused_triton.hf_rope)
     _split_kernel[grid](
         q, k_cache, v_cache, slots, lengths, acc, stats, out,
         counters if counters is not None else lengths, cos, sin, first, rows,

@@ -27,12 +27,23 @@ class Prologue:
         return "norm" if self.norm is not None else "glu" if self.glu else ""
 
 
-def torch_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
+def torch_linear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, into_bias: bool = False
+) -> torch.Tensor:
+    """x @ w.T (+ bias); into_bias: the sum is written into `bias` itself (the residual
+    stream, which the caller replaces by the result), which spares cuBLAS a copy of it
+    into a new tensor first (~3 us a product at 512 rows, on an H200)."""
+    if bias is None:
+        return x @ w.T
+    return bias.addmm_(x, w.T) if into_bias else torch.addmm(bias, x, w.T)
 
 
 def unfused(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, prologue: Prologue
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    prologue: Prologue,
+    into_bias: bool = False,
 ) -> torch.Tensor:
     """The prologue as its own kernel, then cuBLAS (what the fused kernel must beat);
     plain PyTorch off CUDA."""
@@ -54,7 +65,7 @@ def unfused(
         else:
             gate, up = x.chunk(2, dim=-1)
             x = torch.nn.functional.silu(gate) * up
-    return torch_linear(x, w, bias)
+    return torch_linear(x, w, bias, into_bias)
 
 
 # x (M, K), w (N, K), bias (M, N) or None, prologue -> prologue(x) @ w.T (+ bias)
@@ -68,3 +79,16 @@ def plain_linear(
     prologue: Prologue | None = None,
 ) -> torch.Tensor:
     return torch_linear(x, w, bias) if prologue is None else unfused(x, w, bias, prologue)
+
+
+def residual_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    prologue: Prologue | None = None,
+) -> torch.Tensor:
+    """plain_linear, adding into `bias` in place (torch_linear's into_bias): for a
+    residual stream that the result replaces."""
+    if prologue is None:
+        return torch_linear(x, w, bias, into_bias=True)
+    return unfused(x, w, bias, prologue, into_bias=True)

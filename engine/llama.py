@@ -36,7 +36,7 @@ from engine.attention import (
     flash_capable,
     kernel_settings,
 )
-from engine.linear import Linear, Prologue, plain_linear
+from engine.linear import Linear, Prologue, plain_linear, residual_linear
 from engine.plan import Pad, Plan
 
 SUPPORTED = ("llama", "mistral")
@@ -101,11 +101,13 @@ class LlamaRunner:
         self.fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         # Decode's few-row products: a Triton kernel where it measured faster than cuBLAS
         # for that weight and batch size, decided once here, before any graph capture.
-        self.decode_linear: Linear = plain_linear
+        # The residual products add into the stream in place (it is replaced by their
+        # result): engine/linear.torch_linear's into_bias.
+        self.decode_linear: Linear = residual_linear
         if self.fused:
             from engine.skinny_calibrate import calibrate
 
-            self.decode_linear = calibrate(self._linear_groups(), max_rows=slots)
+            self.decode_linear = calibrate(self._linear_groups(), max_rows=slots, into_bias=True)
         # Small decode batches: RoPE, the cache write, attention and the merge in one
         # kernel, which counts its finished splits here (engine/attention_triton.py).
         self._counters: torch.Tensor | None = None
@@ -170,7 +172,8 @@ class LlamaRunner:
         sin = self.sin[positions][:, None, :]
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
-    def _mlp(self, layer: Layer, h: torch.Tensor, linear: Linear = plain_linear) -> torch.Tensor:
+    def _mlp(self, layer: Layer, h: torch.Tensor, linear: Linear = residual_linear) -> torch.Tensor:
+        """h + MLP(h), written into h where `linear` adds into its bias (h is spent)."""
         gate_up = linear(h, layer.gate_up, None, self._rms(layer.post_norm))
         return linear(gate_up, layer.down, h, Prologue(glu=True))
 
@@ -238,7 +241,7 @@ class LlamaRunner:
                         )
                     )
                 out = parts[0] if len(parts) == 1 else torch.cat(parts)
-            h = torch.addmm(h, out.reshape(h.shape[0], -1), layer.o.T)
+            h = h.addmm_(out.reshape(h.shape[0], -1), layer.o.T)  # in place: no copy of h
             h = self._mlp(layer, h)
         return self._logits(h[plan.outputs])
 

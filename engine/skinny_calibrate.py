@@ -127,10 +127,12 @@ def search(
     with_bias: bool,
     kind: str,
     stream: torch.cuda.Stream,
+    into_bias: bool = False,
 ) -> list[Trial]:
-    """Time torch (the first trial: the prologue as its own kernel, then cuBLAS) and
-    every candidate kernel that computes the same result (relative error < 1e-2) for
-    `rows` rows; failures are logged, left out."""
+    """Time torch (the first trial: the prologue as its own kernel, then cuBLAS, adding
+    into the bias in place where the engine will) and every candidate kernel that
+    computes the same result (relative error < 1e-2) for `rows` rows; failures are
+    logged, left out."""
     w0 = weights[0]
     n, k = w0.shape
     gen = torch.Generator(device=w0.device).manual_seed(rows)
@@ -145,7 +147,10 @@ def search(
         prologue = Prologue(glu=True)
     turns = rotation(weights)
     expected = unfused(x, w0, b, prologue).float()
-    trials = [Trial(None, time_graph(lambda w: unfused(x, w, b, prologue), turns, stream))]
+    # In place, the timed calls keep adding into b: only its values change, not the time.
+    scratch = None if b is None else b.clone()
+    torch_us = time_graph(lambda w: unfused(x, w, scratch, prologue, into_bias), turns, stream)
+    trials = [Trial(None, torch_us)]
     if kind == "norm" and w0.dtype != torch.bfloat16:
         # The fused norm rounds x * weight to the input dtype before the 1/rms scale: in
         # fp16 a large residual times a large weight could pass 65504. torch serves it.
@@ -209,7 +214,9 @@ class Group:
     kind: str = ""
 
 
-def measure(group: Group, top: int, done: Iterable[Key]) -> dict[Key, Decision]:
+def measure(
+    group: Group, top: int, done: Iterable[Key], into_bias: bool = False
+) -> dict[Key, Decision]:
     """The decision for each row bucket up to `top` of this product (not in done)."""
     w0 = group.weights[0]
     decisions = {}
@@ -218,16 +225,18 @@ def measure(group: Group, top: int, done: Iterable[Key]) -> dict[Key, Decision]:
         for bucket in (b for b in ROW_BUCKETS if b <= top):
             key = (w0.shape[0], w0.shape[1], group.with_bias, bucket, group.kind)
             if key not in done:
-                trials = search(group.weights, bucket, group.with_bias, group.kind, stream)
+                trials = search(
+                    group.weights, bucket, group.with_bias, group.kind, stream, into_bias
+                )
                 best = min(trials[1:], key=lambda t: t.us, default=None)
                 decisions[key] = Decision(key, trials[0].us, best)
     return decisions
 
 
-def calibrate(groups: Sequence[Group], max_rows: int) -> SkinnyGemm:
+def calibrate(groups: Sequence[Group], max_rows: int, into_bias: bool = False) -> SkinnyGemm:
     """Measures each product's row buckets up to max_rows (at most 64) once, at start,
     and keeps Triton where it wins by WIN_MARGIN. All torch off CUDA or for fp32
-    weights."""
+    weights. into_bias: torch's products add into the bias in place (SkinnyGemm)."""
     top = row_bucket(min(max_rows, ROW_BUCKETS[-1])) or ROW_BUCKETS[-1]
     started = time.perf_counter()
     decisions: dict[Key, Decision] = {}
@@ -241,7 +250,7 @@ def calibrate(groups: Sequence[Group], max_rows: int) -> SkinnyGemm:
         if w0.device != device:
             continue
         try:
-            decisions |= measure(group, top, decisions.keys())
+            decisions |= measure(group, top, decisions.keys(), into_bias)
         # Measuring must never stop the engine from starting: what it could not measure,
         # torch serves. (A failing Triton candidate alone is handled inside `search`.)
         except Exception as exc:  # noqa: BLE001
@@ -258,4 +267,4 @@ def calibrate(groups: Sequence[Group], max_rows: int) -> SkinnyGemm:
             len(plans), len(decisions), seconds,
         )  # fmt: skip
         log.debug("skinny gemm decisions:\n  %s", "\n  ".join(map(str, decisions.values())))
-    return SkinnyGemm(plans, list(decisions.values()), seconds, device)
+    return SkinnyGemm(plans, list(decisions.values()), seconds, device, into_bias)

@@ -303,8 +303,11 @@ class SkinnyGemm:
         decisions: Sequence[Decision] = (),
         seconds: float = 0.0,
         device: torch.device | None = None,
+        into_bias: bool = False,
     ) -> None:
         self.plans = plans
+        # torch's products add into the bias in place (engine/linear.torch_linear)
+        self.into_bias = into_bias
         self.decisions = list(decisions)  # what was measured, for logs and benchmarks
         self.seconds = seconds  # what calibration cost
         self.counters: torch.Tensor | None = None
@@ -321,7 +324,9 @@ class SkinnyGemm:
     ) -> torch.Tensor:
         kernel = self._kernel(x, w, bias, prologue or Prologue())
         if kernel is None:
-            return unfused(x, w, bias, prologue) if prologue else torch_linear(x, w, bias)
+            if prologue:
+                return unfused(x, w, bias, prologue, self.into_bias)
+            return torch_linear(x, w, bias, self.into_bias)
         assert self.counters is not None  # a kernel is chosen only with counters
         return skinny_matmul(x, w, bias, kernel, self.counters, prologue)
 
