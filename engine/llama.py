@@ -31,7 +31,6 @@ from torch.nn.attention.bias import causal_lower_right
 
 from engine.attention import (
     FUSED_ROPE_ROWS,
-    cache_flash_attention,
     decode_attention,
     flash_capable,
     kernel_settings,
@@ -215,16 +214,14 @@ class LlamaRunner:
             q = self._project_and_cache(index, layer, h, plan.positions, plan.slots)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             if plan.flash is not None:
-                # The chunks in one varlen flash call, keys read in place from the slots;
-                # the decode rows after them through the decode-attention kernel.
-                f = plan.flash
-                if f.cu_q.shape[0] > 1:
-                    out = cache_flash_attention(
-                        q, k_cache, v_cache, f.cu_q, f.cu_k, f.used, f.max_q, self.slot_tokens
-                    )
-                else:  # decode rows only (an unpadded plan without chunks)
-                    out = torch.empty_like(q)
+                # The chunks through the chunk-attention kernel, keys read in place from
+                # the slots; the decode rows after them through the decode-attention kernel.
                 from engine.attention_triton import triton_decode_rows_attention
+                from engine.chunk_triton import triton_chunk_attention
+
+                f = plan.flash
+                out = torch.empty_like(q)
+                triton_chunk_attention(q, k_cache, v_cache, f.cu_q, f.cu_k, f.used, out)
 
                 triton_decode_rows_attention(
                     q, k_cache, v_cache, plan.slots, plan.positions, plan.decode_first,

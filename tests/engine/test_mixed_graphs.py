@@ -27,11 +27,15 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torc
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
 
 
+@pytest.mark.parametrize("kernel", ["flash", "triton"])
 @pytest.mark.parametrize("kv_heads", [8, 2])
-def test_cache_flash_attention_reads_each_slot_in_place(kv_heads: int) -> None:
+def test_chunk_attention_reads_each_slot_in_place(kv_heads: int, kernel: str) -> None:
     """Chunks continuing a cached prefix, fresh chunks and one-token decode rows, in
-    slots out of order, with empty padded sequences and padding rows."""
+    slots out of order, with empty padded sequences and padding rows: torch's varlen
+    flash attention, and the engine's Triton kernel (which leaves rows past the chunks
+    as they were)."""
     from engine.attention import cache_flash_attention
+    from engine.chunk_triton import triton_chunk_attention
 
     torch.manual_seed(0)
     slots, tokens, heads, dim = 6, 256, 8, 64
@@ -51,9 +55,14 @@ def test_cache_flash_attention_reads_each_slot_in_place(kv_heads: int) -> None:
     def ints(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device="cuda")
 
-    out = cache_flash_attention(
-        q, k_cache, v_cache, ints(cu_q), ints(cu_k), ints(used), q.shape[0], tokens
-    )
+    if kernel == "flash":
+        out = cache_flash_attention(
+            q, k_cache, v_cache, ints(cu_q), ints(cu_k), ints(used), q.shape[0], tokens
+        )
+    else:
+        out = torch.full_like(q, 7.0)
+        triton_chunk_attention(q, k_cache, v_cache, ints(cu_q), ints(cu_k), ints(used), out)
+        assert (out[rows:] == 7.0).all()
     for i, (slot, start, length) in enumerate(seqs):
         stop = start + length
         expected = reference(q[cu_q[i] : cu_q[i + 1]], k_cache[slot, :stop], v_cache[slot, :stop])
