@@ -8,10 +8,10 @@ decode step can be captured in a CUDA graph and its cost follows the real length
 not the longest. Elsewhere (the CPU, or no Triton) the keys are gathered up to the
 batch's longest length and masked, through SDPA.
 
-Mixed-step attention (prompt chunks and decode rows together): torch's variable-length
-flash attention for the chunks, reading the keys in place from the slot cache, and the
-Triton decode kernel for the decode rows after them. The trainer's packed
-rows: the same kernel over packed sequences (`varlen_causal`).
+Mixed-step attention (prompt chunks and decode rows together), on a GPU: a Triton
+kernel for the chunks (engine/chunk_triton.py), reading the keys in place from the slot
+cache, and the Triton decode kernel for the decode rows after them. The trainer's
+packed rows: torch's variable-length flash attention (`varlen_causal`).
 """
 
 from __future__ import annotations
@@ -150,44 +150,28 @@ def _varlen() -> tuple[Any, frozenset[str]] | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def flash_capable(x: torch.Tensor, over_cache: bool = False) -> bool:
-    """Whether torch's varlen flash attention serves this tensor: fp16/bf16 on an Ampere
-    or newer GPU, with a torch that has torch.nn.attention.varlen (2.10+); over_cache:
-    also the aten kernel `cache_flash_attention` calls, and Triton for the mixed step's
-    decode rows (attention_triton.triton_decode_rows_attention)."""
+def flash_capable(x: torch.Tensor) -> bool:
+    """Whether torch's varlen flash attention serves this tensor (the trainer's packed
+    rows): fp16/bf16 on an Ampere or newer GPU, with a torch that has
+    torch.nn.attention.varlen (2.10+)."""
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
         and _varlen() is not None
-        and (not over_cache or (_HAS_ATEN_FLASH and _HAS_TRITON))
     )
 
 
-def cache_flash_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    used: torch.Tensor,
-    max_q: int,
-    max_k: int,
-) -> torch.Tensor:
-    """Causal attention of packed query sequences q (N, H, D) over keys read in place
-    from a slot cache (S, T, K, D), with no gather: sequence i's queries are rows
-    cu_q[i]:cu_q[i+1], its keys the first used[i] rows of the flattened cache from row
-    cu_k[i] (its slot's first row); its queries are its last positions (bottom-right
-    causal). Flash attention's seqused_k makes it read only cu_k[i], so the offsets may
-    come in any order. Rows past cu_q[-1] are left unwritten. No host sync: it can be
-    captured in a CUDA graph. Needs `flash_capable(q, over_cache=True)`."""
-    slots, tokens = k_cache.shape[:2]
-    return torch.ops.aten._flash_attention_forward(
-        q,
-        k_cache.view(slots * tokens, *k_cache.shape[2:]),
-        v_cache.view(slots * tokens, *v_cache.shape[2:]),
-        cu_q, cu_k, max_q, max_k, 0.0, True, False, seqused_k=used,
-    )[0]  # fmt: skip
+def varlen_capable(x: torch.Tensor) -> bool:
+    """Whether the mixed step's GPU kernels serve this tensor: the chunks' attention
+    (engine/chunk_triton.py) and the decode rows' (attention_triton), Triton kernels
+    with tensor-core products: fp16/bf16 on an Ampere or newer GPU."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and _HAS_TRITON
+    )
 
 
 def varlen_causal(

@@ -6,8 +6,8 @@ generating sequence's next token and fills the rest of `prefill_chunk` rows with
 tokens (at least half of it: mixed prefill and decode, as vLLM's chunked prefill does
 with its token budget); otherwise it is a decode step for every generating sequence.
 On a GPU decode steps are replayed from CUDA graphs (engine/decode_graphs.py), and
-mixed steps too where flash attention serves the model (bf16/fp16 on an Ampere or newer
-GPU).
+mixed steps too where the varlen Triton kernels serve the model (bf16/fp16 on an Ampere
+or newer GPU).
 Requests join between steps and leave the moment they finish. A finished sequence's
 slot keeps its KV, so the next turn of the same chat prefills only what is new (prefix
 reuse); idle slots are taken least recently used first.
@@ -134,7 +134,7 @@ class BatchScheduler:
 
             scratch = runner.slots - 1
             self.graphs = DecodeGraphs(runner.decode, len(self.slots), scratch, runner.device)
-            if runner.flash:  # the mixed step's shapes can be fixed only with flash
+            if runner.varlen:  # the mixed step's shapes are fixed only with those kernels
                 self.mixed_graphs = MixedGraphs(runner, prefill_chunk + len(self.slots), scratch)
 
     @property

@@ -1,12 +1,13 @@
 """Causal attention of a mixed step's prompt chunks over the slot cache, in Triton.
 
 A mixed step packs its chunks' queries (N, H, D) and describes them as varlen
-sequences (engine/plan.FlashPlan): chunk i's queries are rows cu_q[i]:cu_q[i+1], its
+sequences (engine/plan.VarlenPlan): chunk i's queries are rows cu_q[i]:cu_q[i+1], its
 keys the first used[i] rows of the flattened cache (S * T, K, D) from row cu_k[i],
 and its queries are its last positions (bottom-right causal). Torch's varlen flash
-attention did this at ~40-50 us a layer for a 512-row chunk on an H200 (its 128-query
-blocks leave most SMs idle and each walks all its keys alone; in a CUDA graph, padded
-to 66 sequences, its grid grows with them). Here each program takes BLOCK_M queries
+attention (aten._flash_attention_forward with seqused_k), which served this before,
+took 41 us a layer on an H200 for a 449-row chunk in a CUDA graph padded to 66
+sequences, 16 here; a 10th turn's 101 rows over 1,316 keys 72 against 35
+(benchmarks/results/chunk-probe-2026-11-29.json). Here each program takes BLOCK_M queries
 of one chunk and one query head; the programs are numbered over the blocks the chunks
 really have (a cumulative sum of cu_q on the device, so a graph replays any layout),
 and those past the last block return at once.
@@ -102,9 +103,9 @@ def triton_chunk_attention(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Causal attention of packed chunks q (N, H, D) over keys read in place from a slot
-    cache (S, T, K, D), laid out as engine/attention.cache_flash_attention's arguments
-    (cu_q, cu_k, used: int32 on q's device); the chunks' rows of `out` (N, H, D) are
-    written, the rest left as they are. No host sync: it can be captured in a CUDA
+    cache (S, T, K, D), laid out as engine/plan.VarlenPlan (cu_q, cu_k, used: int32 on
+    q's device); the chunks' rows of `out` (N, H, D) are written, the rest left as they
+    are. No host sync: it can be captured in a CUDA
     graph."""
     rows, heads, dim = q.shape
     slots, tokens, kv_heads, _ = k_cache.shape

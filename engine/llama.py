@@ -7,10 +7,10 @@ a handful of large matrix products per layer. The KV cache is allocated once:
 request ends, so the next turn of the same chat reuses them (prefix reuse).
 
 A mixed step (`forward`, `run_plan`) runs prompt chunks and decode rows in one pass: on
-a GPU with flash attention, the chunks' attention is one varlen flash call that reads
-the keys in place from the slots and the decode rows take the decode-attention kernel
-(and the pass can be replayed as a CUDA graph, padded to a bucket of rows); elsewhere
-SDPA per chunk, causal over the slot's cache. A decode
+a GPU, the chunks' attention is one call of a Triton kernel over varlen sequences that
+reads the keys in place from the slots (engine/chunk_triton.py) and the decode rows
+take the decode-attention kernel (and the pass can be replayed as a CUDA graph, padded
+to a bucket of rows); elsewhere SDPA per chunk, causal over the slot's cache. A decode
 step (`decode`) runs one token for each of B sequences, reading each sequence's cache
 up to its own length (a Triton kernel on CUDA, which for a few sequences also applies
 RoPE and caches the new key and value; gathered SDPA elsewhere). Decode's matrix
@@ -32,8 +32,8 @@ from torch.nn.attention.bias import causal_lower_right
 from engine.attention import (
     FUSED_ROPE_ROWS,
     decode_attention,
-    flash_capable,
     kernel_settings,
+    varlen_capable,
 )
 from engine.linear import Linear, Prologue, plain_linear, residual_linear
 from engine.plan import Pad, Plan
@@ -93,9 +93,9 @@ class LlamaRunner:
             # torch sends SDPA to cuDNN by default, which builds a plan for every new
             # shape (40 ms - 2 s); prefill meets a new length every chunk.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        # Mixed steps' chunks through varlen flash attention where torch has it for this
-        # GPU, their decode rows through the Triton decode kernel.
-        self.flash = flash_capable(self.embed, over_cache=True)
+        # Mixed steps' chunks and decode rows through Triton kernels on a GPU that has
+        # them (the chunks as varlen sequences: engine/plan.VarlenPlan); SDPA elsewhere.
+        self.varlen = varlen_capable(self.embed)
         # Fused Triton kernels on CUDA; plain PyTorch ops elsewhere.
         self.fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         # Decode's few-row products: a Triton kernel where it measured faster than cuBLAS
@@ -202,7 +202,7 @@ class LlamaRunner:
         pad: Pad | None = None,
     ) -> Plan:
         return Plan.build(
-            chunks, decode, self.device, flash=self.flash, slot_tokens=self.slot_tokens, pad=pad
+            chunks, decode, self.device, varlen=self.varlen, slot_tokens=self.slot_tokens, pad=pad
         )
 
     def run_plan(self, plan: Plan) -> torch.Tensor:
@@ -213,15 +213,15 @@ class LlamaRunner:
         for index, layer in enumerate(self.layers):
             q = self._project_and_cache(index, layer, h, plan.positions, plan.slots)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            if plan.flash is not None:
+            if plan.varlen is not None:
                 # The chunks through the chunk-attention kernel, keys read in place from
                 # the slots; the decode rows after them through the decode-attention kernel.
                 from engine.attention_triton import triton_decode_rows_attention
                 from engine.chunk_triton import triton_chunk_attention
 
-                f = plan.flash
+                seqs = plan.varlen
                 out = torch.empty_like(q)
-                triton_chunk_attention(q, k_cache, v_cache, f.cu_q, f.cu_k, f.used, out)
+                triton_chunk_attention(q, k_cache, v_cache, seqs.cu_q, seqs.cu_k, seqs.used, out)
 
                 triton_decode_rows_attention(
                     q, k_cache, v_cache, plan.slots, plan.positions, plan.decode_first,
@@ -245,7 +245,7 @@ class LlamaRunner:
     def _prefill_attention(self, index: int, q: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Causal attention of the chunks' queries (P, H, D) over their slots' caches
         (each chunk's queries sit at the bottom right of its (T, start+T) scores), one
-        SDPA call per chunk: where flash attention is not available."""
+        SDPA call per chunk: where the Triton kernels are not (the CPU)."""
         k_cache, v_cache = self.k_cache[index], self.v_cache[index]
         outputs = []
         for (slot, length, start), first in zip(plan.chunks, plan.chunk_rows, strict=True):

@@ -1,6 +1,6 @@
 """The layout of one mixed step's rows (engine/llama.LlamaRunner.run_plan): prompt
 chunks first, then decode rows; their tokens, positions and slots, the rows whose
-logits are returned, the sequence layout of the step's varlen flash call (the chunks)
+logits are returned, the chunks as varlen sequences (for the chunk-attention kernel)
 and where its decode rows start (for the decode-attention kernel), uploaded in one
 host-to-device copy. Padded to fixed sizes, a plan is what a CUDA graph of the
 step replays with new contents (engine/decode_graphs.MixedGraphs).
@@ -17,28 +17,25 @@ from engine.sampling_batch import upload
 
 
 @dataclass
-class FlashPlan:
-    """The prompt chunks as the sequences of one varlen flash call that reads the keys
-    in place from the slot cache (the decode rows after them take the Triton
-    decode-attention kernel: faster than flash for one query). Sequence i's queries are
+class VarlenPlan:
+    """The prompt chunks as the varlen sequences of the chunk-attention kernel
+    (engine/chunk_triton.py), which reads the keys in place from the slot cache (the
+    decode rows after them take the decode-attention kernel). Sequence i's queries are
     rows cu_q[i]:cu_q[i+1]; its keys are the first used[i] positions of its slot, which
-    starts at row cu_k[i] = slot * slot_tokens of the flattened cache (given used, flash
-    attention reads only cu_k[i], so the offsets need not grow). Padded sequences are
-    empty. max_q is at least 2: at 1, flash attention takes every row of q for one
-    sequence's query (its grouped-heads shortcut), but the decode rows follow the
-    chunks in q."""
+    starts at row cu_k[i] = slot * slot_tokens of the flattened cache (the layout of
+    flash attention's varlen call with seqused_k: only cu_k[i] is read, so the offsets
+    need not grow). Padded sequences are empty."""
 
     cu_q: torch.Tensor  # (C + 1,) int32
     cu_k: torch.Tensor  # (C + 1,) int32; the last is never read
     used: torch.Tensor  # (C,) int32
-    max_q: int
 
 
 @dataclass(frozen=True)
 class Pad:
     """Fixed sizes for a plan (a CUDA graph replays one shape): `rows` rows (extra rows
-    write their KV to the scratch slot and are never read; the longest chunk counts as
-    `rows` long), and `seqs` sequences and returned rows."""
+    write their KV to the scratch slot and are never read), and `seqs` sequences and
+    returned rows."""
 
     rows: int
     seqs: int
@@ -58,7 +55,7 @@ class Plan:
     chunk_rows: list[int]  # the first row of each chunk
     prefill_rows: int
     decode_rows: int
-    flash: FlashPlan | None
+    varlen: VarlenPlan | None
     decode_first: torch.Tensor  # (1,) the first decode row, on the device
     decode_capacity: int  # decode rows the step's shapes allow (padded: the most there can be)
 
@@ -69,7 +66,7 @@ class Plan:
         decode: Sequence[tuple[int, int, int]],
         device: torch.device,
         *,
-        flash: bool,
+        varlen: bool,
         slot_tokens: int,
         pad: Pad | None = None,
     ) -> Plan:
@@ -96,7 +93,6 @@ class Plan:
             tokens.append(token)
             positions.append(position)
             slots.append(slot)
-        max_q = max([2] + [length for _, length, _ in layout])  # at least 2: FlashPlan
         if pad is not None:
             assert len(tokens) <= pad.rows and len(outputs) <= pad.seqs, (len(tokens), pad)
             extra = pad.rows - len(tokens)
@@ -105,12 +101,11 @@ class Plan:
             outputs += [0] * (pad.seqs - len(outputs))
             cu_q += [cu_q[-1]] * (pad.seqs + 1 - len(cu_q))
             used += [0] * (pad.seqs - len(used))
-            max_q = pad.rows
         cu_k += [0] * (len(cu_q) - len(cu_k))
         # One host-to-device copy for all the step's indices.
         sizes = [len(tokens)] * 3 + [len(outputs), 1]
         values = tokens + positions + slots + outputs + [prefill_rows]
-        if flash:
+        if varlen:
             sizes += [len(cu_q), len(cu_k), len(used)]
             values += cu_q + cu_k + used
         packed = upload(values, device, torch.int32)
@@ -125,7 +120,7 @@ class Plan:
             chunk_rows=firsts,
             prefill_rows=prefill_rows,
             decode_rows=len(decode),
-            flash=FlashPlan(views[5], views[6], views[7], max_q) if flash else None,
+            varlen=VarlenPlan(views[5], views[6], views[7]) if varlen else None,
             decode_first=views[4],
             decode_capacity=pad.seqs if pad is not None else len(decode),
         )

@@ -162,7 +162,7 @@ def test_fused_kernels_match_pytorch(dtype: torch.dtype, rows: int) -> None:
 
 
 @pytest.mark.parametrize("kv_heads", [8, 2])
-def test_mixed_step_with_flash_prefill_matches_separate_sdpa_steps(kv_heads: int) -> None:
+def test_mixed_step_with_varlen_kernels_matches_separate_sdpa_steps(kv_heads: int) -> None:
     """One forward of prompt chunks (fresh, and continuing a cached prefix) with decode
     rows gives the logits of the per-chunk SDPA prefill and a decode step alone."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -177,10 +177,10 @@ def test_mixed_step_with_flash_prefill_matches_separate_sdpa_steps(kv_heads: int
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
     ids = [[int(t) for t in torch.randint(5, 500, (n,))] for n in (300, 40, 90, 7)]
     results = []
-    for flash in (True, False):
+    for varlen in (True, False):
         runner = LlamaRunner(model, slots=4, slot_tokens=512)
-        assert runner.flash  # bf16 on an sm80+ GPU
-        runner.flash = flash
+        assert runner.varlen  # bf16 on an sm80+ GPU
+        runner.varlen = varlen
         with torch.inference_mode():
             # Slots 0 and 1 hold a cached prefix; slot 1 is then decoding.
             runner.forward([(0, ids[0][:200], 0), (1, ids[1], 0)])
@@ -189,11 +189,11 @@ def test_mixed_step_with_flash_prefill_matches_separate_sdpa_steps(kv_heads: int
                 [(17, 1, 40)],  # slot 1's next token at position 40
             )
         results.append(logits.float())
-    flash_logits, sdpa_logits = results
-    assert flash_logits.shape == (4, 500)
-    error = (flash_logits - sdpa_logits).norm() / sdpa_logits.norm()
+    varlen_logits, sdpa_logits = results
+    assert varlen_logits.shape == (4, 500)
+    error = (varlen_logits - sdpa_logits).norm() / sdpa_logits.norm()
     assert error < 2e-2, error
-    assert (flash_logits.argmax(-1) == sdpa_logits.argmax(-1)).float().mean() >= 0.75
+    assert (varlen_logits.argmax(-1) == sdpa_logits.argmax(-1)).float().mean() >= 0.75
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(32, 32), (8, 2)])

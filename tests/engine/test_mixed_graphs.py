@@ -1,5 +1,5 @@
-"""Mixed steps on the GPU: flash attention reading keys in place from the slot cache
-(the chunks; the decode rows take the Triton decode kernel), and the step replayed from
+"""Mixed steps on the GPU: the chunk-attention kernel reading keys in place from the
+slot cache (the decode rows take the Triton decode kernel), and the step replayed from
 CUDA graphs. Skipped without CUDA (run on the GPU machine)."""
 
 from __future__ import annotations
@@ -27,14 +27,10 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torc
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
 
 
-@pytest.mark.parametrize("kernel", ["flash", "triton"])
 @pytest.mark.parametrize("kv_heads", [8, 2])
-def test_chunk_attention_reads_each_slot_in_place(kv_heads: int, kernel: str) -> None:
-    """Chunks continuing a cached prefix, fresh chunks and one-token decode rows, in
-    slots out of order, with empty padded sequences and padding rows: torch's varlen
-    flash attention, and the engine's Triton kernel (which leaves rows past the chunks
-    as they were)."""
-    from engine.attention import cache_flash_attention
+def test_chunk_attention_reads_each_slot_in_place(kv_heads: int) -> None:
+    """Chunks continuing a cached prefix, fresh chunks and one-token chunks, in slots out
+    of order, with empty padded sequences and padding rows (left as they were)."""
     from engine.chunk_triton import triton_chunk_attention
 
     torch.manual_seed(0)
@@ -55,14 +51,9 @@ def test_chunk_attention_reads_each_slot_in_place(kv_heads: int, kernel: str) ->
     def ints(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device="cuda")
 
-    if kernel == "flash":
-        out = cache_flash_attention(
-            q, k_cache, v_cache, ints(cu_q), ints(cu_k), ints(used), q.shape[0], tokens
-        )
-    else:
-        out = torch.full_like(q, 7.0)
-        triton_chunk_attention(q, k_cache, v_cache, ints(cu_q), ints(cu_k), ints(used), out)
-        assert (out[rows:] == 7.0).all()
+    out = torch.full_like(q, 7.0)
+    triton_chunk_attention(q, k_cache, v_cache, ints(cu_q), ints(cu_k), ints(used), out)
+    assert (out[rows:] == 7.0).all()
     for i, (slot, start, length) in enumerate(seqs):
         stop = start + length
         expected = reference(q[cu_q[i] : cu_q[i + 1]], k_cache[slot, :stop], v_cache[slot, :stop])
@@ -126,21 +117,21 @@ def test_mixed_graph_replays_match_the_eager_step() -> None:
 
 def test_eager_mixed_steps_of_one_token_chunks_or_no_chunk_match_sdpa() -> None:
     """Eager mixed steps (no CUDA graph pads them) whose prompt chunks are one token (a
-    prompt all but one token of which is cached) or that have none: flash attention sees
-    only the chunks while q also holds the decode rows, and its one-query shortcut for
-    grouped heads must not take all of q for one sequence."""
+    prompt all but one token of which is cached) or that have none: the chunk kernel
+    sees only the chunks while q also holds the decode rows. (Torch's flash attention,
+    which served the chunks before, took all of q for one sequence here.)"""
     from engine.llama import LlamaRunner
 
-    model, flash_runner = tiny_runner(slots=3, slot_tokens=128, seed=3)
+    model, varlen_runner = tiny_runner(slots=3, slot_tokens=128, seed=3)
     sdpa_runner = LlamaRunner(model, slots=3, slot_tokens=128)
-    sdpa_runner.flash = False
+    sdpa_runner.varlen = False
     prefix = [int(t) for t in torch.randint(5, 500, (60,))]
     steps = [
         ([(0, [7], 60), (1, [8], 60)], [(17, 2, 60)]),  # one-token chunks, a decode row
         ([], [(9, 0, 61), (10, 1, 61), (11, 2, 61)]),  # decode rows only
     ]
     results = []
-    for runner in (flash_runner, sdpa_runner):
+    for runner in (varlen_runner, sdpa_runner):
         with torch.inference_mode():
             runner.forward([(slot, prefix, 0) for slot in range(3)])
             results.append([runner.forward(c, d).float() for c, d in steps])

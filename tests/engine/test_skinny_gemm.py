@@ -157,7 +157,7 @@ def test_decode_attention_matches_float64_reference_in_the_interpreter() -> None
 
 # A mixed step's decode rows: the rows from first[0] (a device value), at most `batch` of
 # them and none past the step's rows, attend over position + 1 keys; the rows before them
-# (prompt rows, flash attention's) and after them are left as they were.
+# (prompt rows, the chunk kernel's) and after them are left as they were.
 ROWS_SCRIPT = """
 import itertools, json, sys
 import torch
