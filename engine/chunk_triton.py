@@ -7,7 +7,7 @@ and its queries are its last positions (bottom-right causal). Torch's varlen fla
 attention (aten._flash_attention_forward with seqused_k), which served this before,
 took 41 us a layer on an H200 for a 449-row chunk in a CUDA graph padded to 66
 sequences, 16 here; a 10th turn's 101 rows over 1,316 keys 72 against 35
-(benchmarks/results/chunk-probe-2026-11-29.json). Here each program takes BLOCK_M queries
+(benchmarks/results/chunk-attention-2026-11-29.json). Here each program takes BLOCK_M queries
 of one chunk and one query head; the programs are numbered over the blocks the chunks
 really have (a cumulative sum of cu_q on the device, so a graph replays any layout),
 and those past the last block return at once.
