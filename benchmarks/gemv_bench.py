@@ -183,7 +183,7 @@ def bench_decode() -> dict:
     """Graph-replayed 7B decode step, dispatcher on and off (decode_profile's setup)."""
     from benchmarks.engine_bench import random_llama_7b
     from engine.decode_graphs import DecodeGraphs
-    from engine.linear import plain_linear as plain
+    from engine.linear import residual_linear as plain  # torch's path as the engine runs it
     from engine.llama import LlamaRunner
 
     model = random_llama_7b().eval()

@@ -140,7 +140,7 @@ def reference_attention(
     return torch.stack(outputs).to(q.dtype)
 
 
-# mixed steps and training: variable-length flash attention ----------------------------
+# the mixed step's GPU kernels; training: torch's variable-length flash attention ----
 @functools.cache
 def _varlen() -> tuple[Any, frozenset[str]] | None:
     try:

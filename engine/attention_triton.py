@@ -260,7 +260,9 @@ def _launch(
     # that pair launches as usual.
     launch = pdl.launch(q.device, wanted=counters is not None)
     if rope is not None:
-        launch |= NO_FMA  # RoPE with HF's roundings (fused_triton.hf_rope)
+        # RoPE with HF's roundings (fused_triton.hf_rope). The option is the kernel's:
+        # its softmax rescaling runs without fused multiply-adds too.
+        launch |= NO_FMA
     _split_kernel[grid](
         q, k_cache, v_cache, slots, lengths, acc, stats, out,
         counters if counters is not None else lengths, cos, sin, first, rows,

@@ -7,7 +7,8 @@ are padded up to the next bucket with rows that write only to a scratch slot.
 A mixed step (prompt chunks plus every decoding row, engine/llama.LlamaRunner.run_plan)
 is bound by the host when run eagerly: ~14 launches per layer take longer to issue
 than a 512-row pass takes to run. Its graphs are keyed by the number of rows; the
-plan (tokens, positions, slots, the chunks' varlen layout, the first decode row) is padded to the bucket and copied into the graph's own input tensor in one copy.
+plan (tokens, positions, slots, the chunks' varlen layout, the first decode row) is
+padded to the bucket and copied into the graph's own input tensor in one copy.
 """
 
 from __future__ import annotations

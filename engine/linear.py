@@ -68,7 +68,9 @@ def unfused(
     return torch_linear(x, w, bias, into_bias)
 
 
-# x (M, K), w (N, K), bias (M, N) or None, prologue -> prologue(x) @ w.T (+ bias)
+# x (M, K), w (N, K), bias (M, N) or None, prologue -> prologue(x) @ w.T (+ bias). An
+# implementation may add into `bias` in place and return it (residual_linear,
+# SkinnyGemm(into_bias=True)): callers pass a residual stream they replace by the result.
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, Prologue | None], torch.Tensor]
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from tests.engine.test_skinny_gemm import run_interpreted
 
-# (dtype, kv_heads): grouped heads (GQA) and one KV head per query head.
-CASES = [("float16", 2), ("float32", 4), ("float16", 4)]
+# (dtype, kv_heads, empty sequences): grouped heads (GQA) and one KV head per query
+# head; 3 padded sequences, or 40 (a graph's layout pads to the slots: more than the
+# kernel's 16 smallest lanes of cu_q).
+CASES = [("float16", 2, 3), ("float32", 4, 3), ("float16", 4, 40)]
 
 SCRIPT = """
 import json, sys
@@ -26,7 +28,7 @@ def reference(q, keys, values):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
 
 torch.manual_seed(0)
-for dtype, kv_heads in json.loads(sys.argv[1]):
+for dtype, kv_heads, empty in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype)
     slots, tokens, heads, dim = 6, 256, 4, 32
     k_cache = torch.randn(slots, tokens, kv_heads, dim).to(dtype)
@@ -39,9 +41,9 @@ for dtype, kv_heads in json.loads(sys.argv[1]):
     cu_q = [0]
     for *_, length in seqs:
         cu_q.append(cu_q[-1] + length)
-    cu_q += [cu_q[-1]] * 3  # three empty (padded) sequences
-    cu_k = [slot * tokens for slot, *_ in seqs] + [0] * 3
-    used = [start + length for _, start, length in seqs] + [0] * 3
+    cu_q += [cu_q[-1]] * empty  # empty (padded) sequences
+    cu_k = [slot * tokens for slot, *_ in seqs] + [0] * empty
+    used = [start + length for _, start, length in seqs] + [0] * empty
     ints = lambda values: torch.tensor(values, dtype=torch.int32)
     out = torch.full_like(q, 7.0)
     triton_chunk_attention(q, k_cache, v_cache, ints(cu_q), ints(cu_k), ints(used), out)

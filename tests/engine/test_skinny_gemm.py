@@ -295,6 +295,29 @@ def test_dispatcher_falls_back_to_torch_on_the_cpu() -> None:
         assert torch.equal(linear(x, w, bias), torch_linear(x, w, bias))
 
 
+def test_torch_path_adds_into_the_residual_in_place_only_when_asked() -> None:
+    """The engine's residual products (SkinnyGemm(into_bias=True), residual_linear) add
+    into the residual stream itself: no copy of it per product. Without into_bias the
+    bias is left as it was."""
+    from engine.linear import Prologue, residual_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 64).to(torch.bfloat16)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    gate_up = torch.randn(3, 128).to(torch.bfloat16)
+    bias = torch.randn(3, 96).to(torch.bfloat16)
+    glu = Prologue(glu=True)
+    for linear in (SkinnyGemm({}, into_bias=True), residual_linear):
+        for rows, prologue in ((x, None), (gate_up, glu)):
+            residual = bias.clone()
+            expected = SkinnyGemm({})(rows, w, bias, prologue)
+            out = linear(rows, w, residual, prologue)
+            assert out is residual and torch.equal(out, expected)
+    kept = bias.clone()
+    assert torch.equal(SkinnyGemm({})(x, w, kept), torch.addmm(bias, x, w.T))
+    assert torch.equal(kept, bias)
+
+
 def test_candidates_fill_the_sms_for_the_llama_7b_shapes() -> None:
     sms = 132
     for n, k in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]:
