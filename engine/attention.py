@@ -48,6 +48,13 @@ class Settings(NamedTuple):
 FUSED_ROPE_ROWS = 4
 
 
+def triton_head_dim(dim: int) -> bool:
+    """Whether the engine's Triton attention and RoPE kernels take this head size: a
+    power of two (tl.arange), at least 16 (tensor-core products). LLaMA, Mistral and
+    SmolLM2 use 64 or 128; OpenLLaMA 3B uses 100."""
+    return dim >= 16 and dim & (dim - 1) == 0
+
+
 def kernel_settings(batch: int) -> Settings:
     """How to cut decode attention for a batch of this size, measured on an H200 with
     benchmarks/attention_bench.py (results in benchmarks/results/attention-bench-*.json).

@@ -33,6 +33,7 @@ from engine.attention import (
     FUSED_ROPE_ROWS,
     decode_attention,
     kernel_settings,
+    triton_head_dim,
     varlen_capable,
 )
 from engine.linear import Linear, Prologue, plain_linear, residual_linear
@@ -49,6 +50,12 @@ def supports(model: Any) -> bool:
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         return False
     if getattr(config, "sliding_window", None):
+        return False
+    # On a GPU every step runs the Triton kernels (and CUDA graphs, which the SDPA
+    # fallback's host reads would break): only for the head sizes they take.
+    heads = getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
+    if next(model.parameters()).is_cuda and not triton_head_dim(head_dim):
         return False
     layer = model.model.layers[0]
     return all(

@@ -111,6 +111,12 @@ class LocalEngine:
         if batching and supports(model):
             self._scheduler = self._make_scheduler(slots, slot_tokens, prefill_chunk, cuda_graphs)
             self.context_window = min(context_window, self._scheduler.runner.slot_tokens)
+        elif batching:
+            log.info(
+                "one request at a time: continuous batching serves unquantized LLaMA-family "
+                "weights (merged adapters, no biases or sliding window; on a GPU, head "
+                "sizes that are powers of two)"
+            )
         self._thread = threading.Thread(target=self._run, name="lorabot-engine", daemon=True)
         self._thread.start()
 

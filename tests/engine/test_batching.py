@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import pytest
+import torch
 
 from engine.chat_format import make_chat_format
 from engine.types import ChatMessage, SamplingParams
@@ -114,3 +115,42 @@ async def test_answering_chats_count_against_the_prefill_chunk(make_engine: Any)
     assert len(busy) >= 2, steps  # the late prompt took more than one step
     assert all(prompt + decode <= 16 for prompt, decode in busy), steps
     assert any(prompt == 13 for prompt, _ in busy), steps  # full steps: 13 + 3 rows
+
+
+async def test_a_head_size_the_gpu_kernels_do_not_take_still_batches_on_the_cpu(
+    tokenizer: Any,
+) -> None:
+    """Head size 24 (as OpenLLaMA 3B's 100, not a power of two): the CPU path is plain
+    PyTorch and serves it with continuous batching, with the answers of HF's own greedy
+    decoding. (On a GPU the engine serves it one request at a time: test_gpu.py.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.attention import triton_head_dim
+
+    assert [triton_head_dim(d) for d in (8, 16, 24, 64, 100, 128)] == [
+        False, True, False, True, False, True,
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    fmt = make_chat_format("template", tokenizer)
+    fmt.stop_token_ids = frozenset()  # fixed lengths, as HF's min_new_tokens below
+    engine = LocalEngine(model, tokenizer, fmt, context_window=512)
+    try:
+        assert engine._scheduler is not None
+        prompt = [int(t) for t in torch.randint(100, 40000, (30,))]
+        stream = engine.stream_tokens(prompt, GREEDY)
+        await stream.collect()
+        assert stream.completion is not None
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            expected = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
+                do_sample=False, pad_token_id=0,
+            )[0, len(prompt) :].tolist()  # fmt: skip
+        assert list(stream.completion.token_ids) == expected
+    finally:
+        engine.close()

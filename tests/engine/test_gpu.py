@@ -233,3 +233,44 @@ def test_rope_decode_attention_matches_the_separate_kernels(heads: int, kv_heads
             error = (out.float() - ref.float()).norm() / ref.float().norm()
             assert error < 1e-3, (lengths, error)
         assert not counters.any()
+
+
+def test_a_head_size_the_kernels_do_not_take_is_served_one_request_at_a_time() -> None:
+    """Head size 24 (as OpenLLaMA 3B's 100): the Triton kernels need a power of two, so
+    on a GPU the engine serves the model through its own forward, one request at a time,
+    and answers as HF's greedy decoding does (it used to fail to compile)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.chat_format import make_chat_format
+    from engine.llama import supports
+    from engine.types import SamplingParams
+    from engine.worker import LocalEngine
+
+    tokenizer = gpu_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to("cuda", torch.float32).eval()
+    assert not supports(model) and supports(model.to("cpu")) and not supports(model.to("cuda"))
+    fmt = make_chat_format("alpaca", tokenizer)
+    fmt.stop_token_ids = frozenset()
+    prompt = [int(t) for t in torch.randint(100, 40000, (30,))]
+
+    async def run() -> list[int]:
+        engine = LocalEngine(model, tokenizer, fmt, context_window=512)
+        assert engine._scheduler is None
+        stream = engine.stream_tokens(prompt, SamplingParams(max_new_tokens=12, temperature=0))
+        await stream.collect()
+        engine.close()
+        assert stream.completion is not None
+        return list(stream.completion.token_ids)
+
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.inference_mode():
+        expected = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+            do_sample=False, pad_token_id=0,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+    assert asyncio.run(run()) == expected
