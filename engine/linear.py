@@ -80,7 +80,7 @@ def plain_linear(
     bias: torch.Tensor | None = None,
     prologue: Prologue | None = None,
 ) -> torch.Tensor:
-    return torch_linear(x, w, bias) if prologue is None else unfused(x, w, bias, prologue)
+    return unfused(x, w, bias, prologue or Prologue())
 
 
 def residual_linear(
@@ -91,6 +91,4 @@ def residual_linear(
 ) -> torch.Tensor:
     """plain_linear, adding into `bias` in place (torch_linear's into_bias): for a
     residual stream that the result replaces."""
-    if prologue is None:
-        return torch_linear(x, w, bias, into_bias=True)
-    return unfused(x, w, bias, prologue, into_bias=True)
+    return unfused(x, w, bias, prologue or Prologue(), into_bias=True)

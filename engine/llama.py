@@ -53,15 +53,18 @@ def supports(model: Any) -> bool:
         return False
     # On a GPU every step runs the Triton kernels (and CUDA graphs, which the SDPA
     # fallback's host reads would break): only for the head sizes they take.
-    heads = getattr(config, "num_attention_heads", 1)
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
-    if next(model.parameters()).is_cuda and not triton_head_dim(head_dim):
+    if next(model.parameters()).is_cuda and not triton_head_dim(head_size(config)):
         return False
     layer = model.model.layers[0]
     return all(
         type(m).__name__ == "Linear" and m.weight.dtype.is_floating_point
         for m in (layer.self_attn.q_proj, layer.mlp.gate_proj)
     )
+
+
+def head_size(config: Any) -> int:
+    """Dimensions per attention head: the config's head_dim, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 @dataclass
@@ -81,7 +84,7 @@ class LlamaRunner:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.head_dim = head_size(config)
         self.eps = config.rms_norm_eps
         self.vocab_size = config.vocab_size
         self.slots = slots

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from engine import pdl
-from engine.linear import Prologue, torch_linear, unfused
+from engine.linear import Prologue, unfused
 
 if TYPE_CHECKING:
     from engine.skinny_calibrate import Decision
@@ -324,9 +324,7 @@ class SkinnyGemm:
     ) -> torch.Tensor:
         kernel = self._kernel(x, w, bias, prologue or Prologue())
         if kernel is None:
-            if prologue:
-                return unfused(x, w, bias, prologue, self.into_bias)
-            return torch_linear(x, w, bias, self.into_bias)
+            return unfused(x, w, bias, prologue or Prologue(), self.into_bias)
         assert self.counters is not None  # a kernel is chosen only with counters
         return skinny_matmul(x, w, bias, kernel, self.counters, prologue)
 

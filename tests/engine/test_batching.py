@@ -13,6 +13,7 @@ import torch
 from engine.chat_format import make_chat_format
 from engine.types import ChatMessage, SamplingParams
 from engine.worker import LocalEngine
+from tests.engine.hf import hf_greedy
 
 GREEDY = SamplingParams(max_new_tokens=20, temperature=0)
 
@@ -137,7 +138,7 @@ async def test_a_head_size_the_gpu_kernels_do_not_take_still_batches_on_the_cpu(
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     fmt = make_chat_format("template", tokenizer)
-    fmt.stop_token_ids = frozenset()  # fixed lengths, as HF's min_new_tokens below
+    fmt.stop_token_ids = frozenset()  # fixed lengths, as hf_greedy's
     engine = LocalEngine(model, tokenizer, fmt, context_window=512)
     try:
         assert engine._scheduler is not None
@@ -145,12 +146,6 @@ async def test_a_head_size_the_gpu_kernels_do_not_take_still_batches_on_the_cpu(
         stream = engine.stream_tokens(prompt, GREEDY)
         await stream.collect()
         assert stream.completion is not None
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            expected = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
-                do_sample=False, pad_token_id=0,
-            )[0, len(prompt) :].tolist()  # fmt: skip
-        assert list(stream.completion.token_ids) == expected
+        assert list(stream.completion.token_ids) == hf_greedy(model, prompt, 20)
     finally:
         engine.close()

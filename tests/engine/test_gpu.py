@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.engine.hf import hf_greedy
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -88,25 +90,17 @@ def test_graph_engine_greedy_matches_hf_generate(dtype: torch.dtype) -> None:
         engine.close()
         return [list(s.completion.token_ids) for s in streams]
 
-    def hf_greedy(hf_model: Any, prompt: list[int]) -> list[int]:
-        ids = torch.tensor([prompt], device="cuda")
-        with torch.inference_mode():
-            return hf_model.generate(  # type: ignore[no-any-return]
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                min_new_tokens=24, do_sample=False, pad_token_id=0,
-            )[0, len(prompt) :].tolist()  # fmt: skip
-
     ours = asyncio.run(run())
     if dtype == torch.float32:
         for prompt, tokens in zip(prompts, ours, strict=True):
-            assert tokens == hf_greedy(model, prompt)
+            assert tokens == hf_greedy(model, prompt, 24)
         return
     # bf16: greedy paths part where logits nearly tie, wherever the roundings differ.
     # The engine's bf16 must stay as close to the fp32 tokens as HF's own bf16 does.
     exact = copy.deepcopy(model).float()
     ours_agree = hf_agree = total = 0
     for prompt, tokens in zip(prompts, ours, strict=True):
-        ref, hf_tokens = hf_greedy(exact, prompt), hf_greedy(model, prompt)
+        ref, hf_tokens = hf_greedy(exact, prompt, 24), hf_greedy(model, prompt, 24)
         ours_agree += sum(a == b for a, b in zip(tokens, ref, strict=True))
         hf_agree += sum(a == b for a, b in zip(hf_tokens, ref, strict=True))
         total += len(ref)
@@ -267,10 +261,4 @@ def test_a_head_size_the_kernels_do_not_take_is_served_one_request_at_a_time() -
         assert stream.completion is not None
         return list(stream.completion.token_ids)
 
-    ids = torch.tensor([prompt], device="cuda")
-    with torch.inference_mode():
-        expected = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-            do_sample=False, pad_token_id=0,
-        )[0, len(prompt) :].tolist()  # fmt: skip
-    assert asyncio.run(run()) == expected
+    assert asyncio.run(run()) == hf_greedy(model, prompt, 12)
