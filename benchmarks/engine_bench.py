@@ -252,6 +252,9 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="only lorabot's engine")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="[model] prefill_chunk")
     parser.add_argument("--conversations", type=int, default=9, help="10-turn chats timed")
+    parser.add_argument(
+        "--kv-cache", choices=["auto", "fp8"], default="auto", help="[engine] kv_cache"
+    )
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -284,8 +287,10 @@ def main() -> None:
         slots=64,
         slot_tokens=2048,
         prefill_chunk=args.prefill_chunk,
+        kv_cache=args.kv_cache,
     )
     figures["prefill_chunk"] = args.prefill_chunk
+    figures["kv_cache"] = args.kv_cache
     figures.update(asyncio.run(engine_runs(engine, requests, rng, args.conversations)))
     figures.update(asyncio.run(greedy_agreement(engine, requests[:4], references)))
     engine.close()

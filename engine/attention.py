@@ -79,14 +79,18 @@ def decode_attention(
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     lengths: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q (B, H, D); caches (S, T, K, D); slots, lengths (B,) -> (B, H, D)."""
+    """q (B, H, D); caches (S, T, K, D); slots, lengths (B,) -> (B, H, D). scales: a
+    float8 cache's (S, T, K) factors (the Triton kernel alone reads one)."""
     if q.is_cuda and _HAS_TRITON:
         from engine.attention_triton import triton_decode_attention
 
         return triton_decode_attention(
-            q, k_cache, v_cache, slots, lengths, kernel_settings(q.shape[0])
+            q, k_cache, v_cache, slots, lengths, kernel_settings(q.shape[0]), scales
         )
+    if scales is not None:
+        raise ValueError("a float8 KV cache is read by the Triton kernels only")
     return gathered_decode_attention(q, k_cache, v_cache, slots, lengths)
 
 
@@ -179,6 +183,13 @@ def varlen_capable(x: torch.Tensor) -> bool:
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
         and _HAS_TRITON
     )
+
+
+def fp8_cache_capable(x: torch.Tensor) -> bool:
+    """Whether a float8 e4m3 KV cache can serve this model tensor: the mixed step's
+    Triton kernels (varlen_capable) on a GPU with float8 conversions (sm_89+: Ada,
+    Hopper and newer)."""
+    return varlen_capable(x) and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
 def varlen_causal(

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from engine import pdl
 from engine.attention import Settings
-from engine.fused_triton import NO_FMA, hf_rope
+from engine.fused_triton import NO_FMA, check_cache, fp8_rows, hf_rope
 
 
 @triton.jit
@@ -49,16 +49,17 @@ def _rotate(base, d, cos, sin, partner, sign):
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, Slots, Lens, Acc, Stats, Out, Counters, Cos, Sin, First, rows,
+    Q, K, V, KS, VS, Slots, Lens, Acc, Stats, Out, Counters, Cos, Sin, First, rows,
     stride_qb, stride_qh,
     stride_ks, stride_kt, stride_kh,
     stride_vs, stride_vt, stride_vh,
+    stride_ss, stride_st,
     stride_ob, stride_oh,
     scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, PARTS: tl.constexpr,
     HEADS_FIRST: tl.constexpr, ROPE: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr,
-    DOT: tl.constexpr, BASED: tl.constexpr,
+    DOT: tl.constexpr, BASED: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     """SPLIT keys per split, or (PARTS) each sequence cut into NSPLIT equal splits of
     whole blocks. HEADS_FIRST: the grid is (kv head, batch, split), so programs that
@@ -69,7 +70,9 @@ def _split_kernel(
     products, the query heads padded to GROUP_PAD >= 16 rows, so Triton's pipeliner
     streams the key and value blocks into shared memory NUM_STAGES deep. BASED: program
     b serves row First[0] + b of Q, Slots, Lens and Out when that is below `rows`, and
-    Lens holds positions (the length is one more)."""
+    Lens holds positions (the length is one more). FP8 (with DOT): the caches hold
+    float8 e4m3, each head's key and value scaled by its factor in KS and VS (S, T, K):
+    the scores are multiplied by the keys' factors, the weights by the values'."""
     pdl.start(PDL)
     if HEADS_FIRST:
         kvh = tl.program_id(0)
@@ -116,6 +119,12 @@ def _split_kernel(
                 value = tl.load(k_row[:, None] + kv_heads * D + d[None, :])
                 k_at = K + slot * stride_ks + pos * stride_kt + kvh * stride_kh
                 v_at = V + slot * stride_vs + pos * stride_vt + kvh * stride_vh
+                if FP8:
+                    key, k_scale = fp8_rows(key)
+                    value, v_scale = fp8_rows(value)
+                    scale_at = slot * stride_ss + pos * stride_st + kvh + one
+                    tl.store(KS + scale_at, k_scale)
+                    tl.store(VS + scale_at, v_scale)
                 tl.store(k_at + one[:, None] + d[None, :], key)
                 tl.store(v_at + one[:, None] + d[None, :], value)
                 tl.debug_barrier()  # the block loop below reads them back
@@ -130,7 +139,7 @@ def _split_kernel(
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         end = tl.minimum(start + span, length)
         if DOT:
-            q = q.to(K.dtype.element_ty)
+            q = q.to(Out.dtype.element_ty)  # the model's half precision
         for block in range(start, end, BLOCK_N):
             n = block + tl.arange(0, BLOCK_N)
             n_ok = n < end
@@ -139,7 +148,13 @@ def _split_kernel(
                 mask=n_ok[:, None],
                 other=0.0,
             )
-            if DOT:
+            if FP8:
+                scale_at = slot * stride_ss + n * stride_st + kvh
+                k_scale = tl.load(KS + scale_at, mask=n_ok, other=0.0)
+                v_scale = tl.load(VS + scale_at, mask=n_ok, other=0.0)
+                k = k.to(Out.dtype.element_ty)  # exact: e4m3 fits in bf16 and fp16
+                scores = tl.dot(q, tl.trans(k)) * (k_scale * scale)[None, :]
+            elif DOT:
                 scores = tl.dot(q, tl.trans(k)) * scale  # (G, N)
             else:
                 scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
@@ -152,7 +167,15 @@ def _split_kernel(
                 mask=n_ok[:, None],
                 other=0.0,
             )
-            if DOT:
+            if FP8:
+                # Half the bytes of bf16, yet slower on an H200 (64 chats: 4,881 against
+                # 5,246 tok/s): the values go from shared memory into the product's
+                # layout a byte at a time (8-bit operands have no transposing matrix
+                # load). Laid out keys-fastest instead they loaded whole but ran slower
+                # still (4,510): benchmarks/results/notes-2026-11-29-gpu-session8.md.
+                weights = (p * v_scale[None, :]).to(Out.dtype.element_ty)
+                weighted = tl.dot(weights, v.to(Out.dtype.element_ty))
+            elif DOT:
                 weighted = tl.dot(p.to(v.dtype), v)
             else:
                 weighted = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
@@ -226,9 +249,12 @@ def _launch(
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     counters: torch.Tensor | None = None,
     based: tuple[torch.Tensor, int] | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """based: (first, batch): programs for `batch` rows from row first[0] of q, slots,
-    lengths (then positions) and out, those below q's rows."""
+    lengths (then positions) and out, those below q's rows. scales: a float8 cache's
+    (S, T, K) factors (engine/fused_triton.check_cache)."""
+    check_cache(k_cache, v_cache, scales)
     batch, dim = based[1] if based else lengths.shape[0], k_cache.shape[-1]
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
@@ -253,7 +279,10 @@ def _launch(
     rows = q.shape[0]
     # Tensor-core products want at least 16 rows and half-precision operands (float32
     # would run as TF32).
-    dot = settings.dot and k_cache.dtype in (torch.float16, torch.bfloat16)
+    dot = settings.dot and out.dtype in (torch.float16, torch.bfloat16)
+    if scales is not None and not dot:
+        raise ValueError("a float8 cache is read through tensor-core products (Settings.dot)")
+    k_scale, v_scale = scales if scales is not None else (lengths, lengths)  # unread
     grid = (kv_heads, batch, nsplit) if settings.heads_first else (batch, kv_heads, nsplit)
     # PDL (engine/pdl.py) where one kernel does all (few sequences); for the split and
     # merge pair it measured slower at batch 64 (156.8 against 144.3 us per layer), so
@@ -264,17 +293,19 @@ def _launch(
         # its softmax rescaling runs without fused multiply-adds too.
         launch |= NO_FMA
     _split_kernel[grid](
-        q, k_cache, v_cache, slots, lengths, acc, stats, out,
+        q, k_cache, v_cache, k_scale, v_scale, slots, lengths, acc, stats, out,
         counters if counters is not None else lengths, cos, sin, first, rows,
         q.stride(0), 0 if rope is not None else q.stride(1),  # RoPE: heads are D apart
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_scale.stride(0), k_scale.stride(1) if scales is not None else 0,
         out.stride(0), out.stride(1),
         1.0 / math.sqrt(dim),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16 if dot else 1), D=dim,
         SPLIT=settings.split, BLOCK_N=settings.block_n, NSPLIT=nsplit,
         PARTS=settings.parts > 0, HEADS_FIRST=settings.heads_first,
         ROPE=rope is not None, MERGE=counters is not None, DOT=dot, BASED=based is not None,
+        FP8=scales is not None,
         num_warps=settings.warps, num_stages=settings.stages, **launch,
     )  # fmt: skip
     if counters is None:
@@ -291,10 +322,12 @@ def triton_decode_attention(
     slots: torch.Tensor,
     lengths: torch.Tensor,
     settings: Settings,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q (B, H, D); caches (S, T, K, D); slots, lengths (B,) int -> (B, H, D)."""
+    """q (B, H, D); caches (S, T, K, D) (float8: with their (S, T, K) scales); slots,
+    lengths (B,) int -> (B, H, D)."""
     out = torch.empty_like(q)
-    _launch(q, k_cache, v_cache, slots, lengths, q.shape[1], out, settings)
+    _launch(q, k_cache, v_cache, slots, lengths, q.shape[1], out, settings, scales=scales)
     return out
 
 
@@ -308,6 +341,7 @@ def triton_decode_rows_attention(
     batch: int,
     out: torch.Tensor,
     settings: Settings,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """The decode rows of a mixed step, found on the device: rows first[0] ..
     first[0] + batch - 1 of q (N, H, D) that are below N attend over their slot's first
@@ -320,8 +354,9 @@ def triton_decode_rows_attention(
         raise ValueError("q and out must be unit-stride rows of one dtype")
     if batch > 0:
         _launch(
-            q, k_cache, v_cache, slots, positions, q.shape[1], out, settings, based=(first, batch)
-        )
+            q, k_cache, v_cache, slots, positions, q.shape[1], out, settings,
+            based=(first, batch), scales=scales,
+        )  # fmt: skip
 
 
 def triton_rope_decode_attention(
@@ -335,6 +370,7 @@ def triton_rope_decode_attention(
     heads: int,
     counters: torch.Tensor,
     settings: Settings,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The decode step's attention straight from the q/k/v product's rows qkv
     (B, (H + 2K) * D): RoPE at position length - 1 (cos, sin: (T, D) tables), the new
@@ -347,5 +383,8 @@ def triton_rope_decode_attention(
             f"qkv must be unit-stride rows and counters at least {batch * k_cache.shape[2]}"
         )
     out = torch.empty((batch, heads, dim), dtype=qkv.dtype, device=qkv.device)
-    _launch(qkv, k_cache, v_cache, slots, lengths, heads, out, settings, (cos, sin), counters)
+    _launch(
+        qkv, k_cache, v_cache, slots, lengths, heads, out, settings, (cos, sin), counters,
+        scales=scales,
+    )  # fmt: skip
     return out

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from engine import pdl
+from engine.fused_triton import check_cache
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -29,14 +30,16 @@ BLOCK_N = 64
 
 @triton.jit
 def _chunk_kernel(
-    Q, KC, VC, CuQ, CuK, Used, Out, chunks,
+    Q, KC, VC, KS, VS, CuQ, CuK, Used, Out, chunks,
     stride_qn, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_on, stride_oh,
-    scale_log2,
+    stride_sr, scale_log2,
     GROUP: tl.constexpr, D: tl.constexpr, CHUNKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (head, b): the b-th block of BLOCK_M queries, counting every chunk's
-    blocks in order, for query head `head` (KV head head // GROUP)."""
+    blocks in order, for query head `head` (KV head head // GROUP). FP8: float8 e4m3
+    caches, each cached key and value scaled by its factor in KS and VS (rows of
+    stride_sr, one factor a KV head)."""
     pdl.start(PDL)
     pdl.wait(PDL)
     head = tl.program_id(0)
@@ -74,7 +77,14 @@ def _chunk_kernel(
                 k_base + keys.to(tl.int64)[None, :] * stride_kr + d[:, None],
                 mask=key_ok[None, :], other=0.0,
             )  # fmt: skip
-            scores = tl.dot(q, k) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+            if FP8:
+                scale_at = (key_row + keys) * stride_sr + kv_head
+                k_scale = tl.load(KS + scale_at, mask=key_ok, other=0.0)
+                v_scale = tl.load(VS + scale_at, mask=key_ok, other=0.0)
+                k = k.to(q.dtype)  # exact: e4m3 fits in bf16 and fp16
+                scores = tl.dot(q, k) * (k_scale * scale_log2)[None, :]
+            else:
+                scores = tl.dot(q, k) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
             scores = tl.where(keys[None, :] <= positions[:, None], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             # Key 0 is every query's (rows past the chunk score zeros, never stored):
@@ -86,7 +96,12 @@ def _chunk_kernel(
                 v_base + keys.to(tl.int64)[:, None] * stride_vr + d[None, :],
                 mask=key_ok[:, None], other=0.0,
             )  # fmt: skip
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if FP8:
+                acc = acc * alpha[:, None] + tl.dot(
+                    (p * v_scale[None, :]).to(q.dtype), v.to(q.dtype)
+                )
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / l_i[:, None]
         o_ptrs = Out + (q_start + rows).to(tl.int64)[:, None] * stride_on + head * stride_oh
@@ -101,12 +116,13 @@ def triton_chunk_attention(
     cu_k: torch.Tensor,
     used: torch.Tensor,
     out: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed chunks q (N, H, D) over keys read in place from a slot
-    cache (S, T, K, D), laid out as engine/plan.VarlenPlan (cu_q, cu_k, used: int32 on
-    q's device); the chunks' rows of `out` (N, H, D) are written, the rest left as they
-    are. No host sync: it can be captured in a CUDA
-    graph."""
+    cache (S, T, K, D) (float8: with its (S, T, K) scales), laid out as
+    engine/plan.VarlenPlan (cu_q, cu_k, used: int32 on q's device); the chunks' rows of
+    `out` (N, H, D) are written, the rest left as they are. No host sync: it can be
+    captured in a CUDA graph."""
     rows, heads, dim = q.shape
     slots, tokens, kv_heads, _ = k_cache.shape
     for cache in (k_cache, v_cache):
@@ -114,17 +130,19 @@ def triton_chunk_attention(
             raise ValueError("the cache must be contiguous over slots and tokens")
     if q.stride(2) != 1 or out.stride(2) != 1 or heads % kv_heads:
         raise ValueError(f"unsupported layout: q {q.stride()}, out {out.stride()}")
+    check_cache(k_cache, v_cache, scales)
+    k_scale, v_scale = scales if scales is not None else (used, used)  # unread
     chunks = cu_q.shape[0] - 1
     if chunks < 1 or rows == 0:
         return out
     grid = (heads, triton.cdiv(rows, BLOCK_M) + chunks)  # each chunk: at most one part block
     _chunk_kernel[grid](
-        q, k_cache, v_cache, cu_q, cu_k, used, out, chunks,
+        q, k_cache, v_cache, k_scale, v_scale, cu_q, cu_k, used, out, chunks,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        math.log2(math.e) / math.sqrt(dim),
+        kv_heads, math.log2(math.e) / math.sqrt(dim),
         GROUP=heads // kv_heads, D=dim, CHUNKS=max(16, triton.next_power_of_2(chunks)),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, FP8=scales is not None, num_warps=4, num_stages=2,
         **pdl.launch(q.device),
     )  # fmt: skip
     return out

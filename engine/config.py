@@ -28,6 +28,7 @@ Quantization = Literal["none", "8bit", "4bit"]
 ChatFormatName = Literal["auto", "template", "alpaca"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+KVCache = Literal["auto", "fp8"]
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,14 @@ class EngineConfig:
     threads: int = 0
     # Continuous batching (LLaMA-family models without quantization): sequences served at
     # once (0 = auto), tokens each can hold (0 = min(context, 4096)), rows per step while
-    # prompts wait (one per answering chat, the rest, at least half, prompt tokens), and
-    # the decode step as CUDA graphs on a GPU.
+    # prompts wait (one per answering chat, the rest, at least half, prompt tokens), the
+    # decode step as CUDA graphs on a GPU, and the KV cache's element type ("auto": the
+    # model's; "fp8": float8 e4m3 with a factor per token and head, on sm_89+ GPUs).
     slots: int = 0
     slot_tokens: int = 0
     prefill_chunk: int = 512
     cuda_graphs: bool = True
+    kv_cache: KVCache = "auto"
     # Where answers come from: this process ("local") or an OpenAI-compatible server
     # ("openai": engine/remote.py; `python -m engine serve`, vLLM, llama.cpp, Ollama).
     backend: Literal["local", "openai"] = "local"

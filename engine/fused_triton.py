@@ -54,16 +54,32 @@ def hf_rope(x, x_rot, cos, sin):
 # Launch options of kernels that round as transformers does (hf_rope).
 NO_FMA = {"enable_fp_fusion": False}
 
+# The largest finite float8 e4m3 value: an fp8 cache row's largest element maps to it.
+FP8_MAX = 448.0
+
+
+@triton.jit
+def fp8_rows(x):
+    """(R, D) -> (x / scale as float8 e4m3, scale (R,) fp32): one scale per row (a
+    cached key or value of one head), its largest magnitude over FP8_MAX."""
+    x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-30) / 448.0
+    scaled = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+    return scaled.to(tl.float8e4nv), scale
+
 
 @triton.jit
 def _rope_cache_kernel(
-    QKV, Cos, Sin, Pos, Slots, Q, KC, VC,
+    QKV, Cos, Sin, Pos, Slots, Q, KC, VC, KS, VS,
     stride_qkv, stride_q, stride_q_head,
-    stride_cs, stride_ct, stride_ch,
-    H: tl.constexpr, K: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, PDL: tl.constexpr,
+    stride_cs, stride_ct, stride_ch, stride_ss, stride_st,
+    H: tl.constexpr, K: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr,
+    FP8: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (row, block of HEADS heads among H + K): rotate q heads into Q;
-    rotate k heads and copy their v into the caches at (slot, position)."""
+    rotate k heads and copy their v into the caches at (slot, position). FP8: the
+    caches hold float8 e4m3, each head's key and value scaled by its own factor, kept
+    in KS and VS (S, T, K) at the same place."""
     pdl.start(PDL)
     pdl.wait(PDL)
     row = tl.program_id(0)
@@ -85,9 +101,19 @@ def _rope_cache_kernel(
     is_k = live & ~is_q
     slot = tl.load(Slots + row).to(tl.int64)
     cached = slot * stride_cs + pos * stride_ct + (heads - H)[:, None] * stride_ch + d[None, :]
-    tl.store(KC + cached, y, mask=is_k)
     v = tl.load(base + K * D + d[None, :], mask=is_k)  # k head i's v is K heads on
-    tl.store(VC + cached, v, mask=is_k)
+    if FP8:
+        scale_at = slot * stride_ss + pos * stride_st + heads - H
+        k_ok = (heads >= H) & (heads < H + K)
+        key, k_scale = fp8_rows(y)
+        value, v_scale = fp8_rows(v)
+        tl.store(KC + cached, key, mask=is_k)
+        tl.store(VC + cached, value, mask=is_k)
+        tl.store(KS + scale_at, k_scale, mask=k_ok)
+        tl.store(VS + scale_at, v_scale, mask=k_ok)
+    else:
+        tl.store(KC + cached, y, mask=is_k)
+        tl.store(VC + cached, v, mask=is_k)
 
 
 def rope_heads(rows: int) -> int:
@@ -107,20 +133,42 @@ def rope_into_cache(
     v_cache: torch.Tensor,
     heads: int,
     kv_heads: int,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """qkv (B, (H+2K)*D) -> rotated q (B, H, D); rotated k and v written to the caches
-    (S, T, K, D) at (slot, position) of each row."""
+    (S, T, K, D) at (slot, position) of each row. scales: with float8 caches, the
+    (S, T, K) fp32 factors of each cached key and value (written there too)."""
     batch = qkv.shape[0]
     dim = k_cache.shape[-1]
+    check_cache(k_cache, v_cache, scales)
     q = torch.empty((batch, heads, dim), dtype=qkv.dtype, device=qkv.device)
     block = rope_heads(batch)
+    k_scale, v_scale = scales if scales is not None else (positions, positions)  # unread
     _rope_cache_kernel[(batch, triton.cdiv(heads + kv_heads, block))](
-        qkv, cos, sin, positions, slots, q, k_cache, v_cache,
+        qkv, cos, sin, positions, slots, q, k_cache, v_cache, k_scale, v_scale,
         qkv.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H=heads, K=kv_heads, D=dim, HEADS=block, **pdl.launch(qkv.device), **NO_FMA,
+        k_scale.stride(0), k_scale.stride(1) if scales is not None else 0,
+        H=heads, K=kv_heads, D=dim, HEADS=block, FP8=scales is not None,
+        **pdl.launch(qkv.device), **NO_FMA,
     )  # fmt: skip
     return q
+
+
+def check_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None
+) -> None:
+    """A float8 cache comes with its scales, (S, T, K) fp32 with unit head stride; a
+    half-precision one without."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 != (scales is not None) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"a {k_cache.dtype} cache with scales={scales is not None}")
+    if scales is not None:
+        for scale in scales:
+            if scale.shape != k_cache.shape[:-1] or scale.dtype != torch.float32:
+                raise ValueError(f"scales must be {tuple(k_cache.shape[:-1])} fp32")
+            if scale.stride(2) != 1 or scale.stride(0) != scale.shape[1] * scale.stride(1):
+                raise ValueError("scales must be contiguous over slots, tokens and heads")
 
 
 @triton.jit

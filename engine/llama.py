@@ -32,6 +32,7 @@ from torch.nn.attention.bias import causal_lower_right
 from engine.attention import (
     FUSED_ROPE_ROWS,
     decode_attention,
+    fp8_cache_capable,
     kernel_settings,
     triton_head_dim,
     varlen_capable,
@@ -77,8 +78,11 @@ class Layer:
     down: torch.Tensor  # (E, I)
 
 
+Scales = tuple[torch.Tensor, torch.Tensor]
+
+
 class LlamaRunner:
-    def __init__(self, model: Any, *, slots: int, slot_tokens: int) -> None:
+    def __init__(self, model: Any, *, slots: int, slot_tokens: int, kv_fp8: bool = False) -> None:
         config = model.config
         self.device = next(model.parameters()).device
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -96,9 +100,21 @@ class LlamaRunner:
             self.layers = [self._fuse(layer) for layer in model.model.layers]
             self.cos, self.sin = self._rope_table(model, slot_tokens)
         shape = (len(self.layers), slots, slot_tokens, self.kv_heads, self.head_dim)
+        # kv_fp8: keys and values as float8 e4m3, each (token, head) row scaled by its
+        # own fp32 factor (its largest magnitude to 448): half the memory, read by the
+        # Triton kernels alone (fp8_cache_capable).
+        if kv_fp8 and not fp8_cache_capable(self.embed):
+            raise ValueError("a float8 KV cache needs the Triton kernels on an sm_89+ GPU")
+        self.kv_fp8 = kv_fp8
+        cache_dtype = torch.float8_e4m3fn if kv_fp8 else self.dtype
         # Never read past a sequence's length, so no need to zero (pages stay untouched).
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        if kv_fp8:
+            self.k_scale = torch.empty(shape[:-1], dtype=torch.float32, device=self.device)
+            self.v_scale = torch.empty(shape[:-1], dtype=torch.float32, device=self.device)
         if self.device.type == "cuda":
             # torch sends SDPA to cuDNN by default, which builds a plan for every new
             # shape (40 ms - 2 s); prefill meets a new length every chunk.
@@ -158,8 +174,13 @@ class LlamaRunner:
         return cos[0], sin[0]  # (T, D) each, in the model's dtype
 
     def kv_bytes_per_token(self) -> int:
-        element = self.k_cache.element_size()
-        return 2 * len(self.layers) * self.kv_heads * self.head_dim * element
+        return kv_bytes_per_token(len(self.layers), self.kv_heads, self.head_dim, self.kv_fp8)
+
+    def _scales(self, index: int) -> Scales | None:
+        """Layer `index`'s (S, T, K) factors of a float8 cache; None for a plain one."""
+        if self.k_scale is None or self.v_scale is None:
+            return None
+        return self.k_scale[index], self.v_scale[index]
 
     # building blocks -----------------------------------------------------------------
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -230,12 +251,14 @@ class LlamaRunner:
                 from engine.chunk_triton import triton_chunk_attention
 
                 seqs = plan.varlen
+                scales = self._scales(index)
                 out = torch.empty_like(q)
-                triton_chunk_attention(q, k_cache, v_cache, seqs.cu_q, seqs.cu_k, seqs.used, out)
-
+                triton_chunk_attention(
+                    q, k_cache, v_cache, seqs.cu_q, seqs.cu_k, seqs.used, out, scales
+                )
                 triton_decode_rows_attention(
                     q, k_cache, v_cache, plan.slots, plan.positions, plan.decode_first,
-                    plan.decode_capacity, out, kernel_settings(plan.decode_capacity),
+                    plan.decode_capacity, out, kernel_settings(plan.decode_capacity), scales,
                 )  # fmt: skip
             else:
                 parts = []
@@ -289,8 +312,8 @@ class LlamaRunner:
 
             qkv = linear(h, layer.qkv, None, self._rms(layer.input_norm))
             return rope_into_cache(
-                qkv, self.cos, self.sin, positions, slots,
-                self.k_cache[index], self.v_cache[index], self.heads, self.kv_heads,
+                qkv, self.cos, self.sin, positions, slots, self.k_cache[index],
+                self.v_cache[index], self.heads, self.kv_heads, self._scales(index),
             )  # fmt: skip
         q, k, v = self._qkv(layer, h, positions)
         self.k_cache[index, slots, positions] = k
@@ -315,16 +338,24 @@ class LlamaRunner:
                 qkv = linear(h, layer.qkv, None, self._rms(layer.input_norm))
                 out = triton_rope_decode_attention(
                     qkv, self.cos, self.sin, k_cache, v_cache, slots, lengths, self.heads,
-                    counters, kernel_settings(tokens.shape[0]),
+                    counters, kernel_settings(tokens.shape[0]), self._scales(index),
                 )  # fmt: skip
             else:
                 q = self._project_and_cache(index, layer, h, positions, slots, linear)
-                out = decode_attention(q, k_cache, v_cache, slots, lengths)
+                out = decode_attention(q, k_cache, v_cache, slots, lengths, self._scales(index))
             h = linear(out.reshape(h.shape[0], -1), layer.o, h, None)
             h = self._mlp(layer, h, linear)
         return self._logits(h, linear)
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` cached tokens of one slot into another."""
-        self.k_cache[:, target, :length] = self.k_cache[:, source, :length]
-        self.v_cache[:, target, :length] = self.v_cache[:, source, :length]
+        for cache in (self.k_cache, self.v_cache, self.k_scale, self.v_scale):
+            if cache is not None:
+                cache[:, target, :length] = cache[:, source, :length]
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, fp8: bool) -> int:
+    """Cache bytes a token takes over all layers (keys and values; float8 rows with an
+    fp32 factor each, else 2-byte elements)."""
+    row = head_dim + 4 if fp8 else 2 * head_dim
+    return 2 * layers * kv_heads * row

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from engine.attention import fp8_cache_capable
 from engine.batching import BatchScheduler
 from engine.chat_format import ChatFormat, make_chat_format
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, KVCache, ModelConfig
 from engine.detokenize import IncrementalDecoder, StopFilter
-from engine.llama import LlamaRunner, supports
+from engine.llama import LlamaRunner, kv_bytes_per_token, supports
 from engine.loading import choose_chat_format, load_model
 from engine.sampling import sample_next
 from engine.stream import TextStream
@@ -48,7 +49,7 @@ DEFAULT_SLOT_TOKENS = 4096  # longest sequence a slot holds unless configured
 MAX_AUTO_SLOTS = 64
 
 
-def auto_slots(model: Any, slot_tokens: int, device: torch.device) -> int:
+def auto_slots(model: Any, slot_tokens: int, device: torch.device, kv_fp8: bool = False) -> int:
     """How many sequences to batch: on a GPU as many as 85% of free memory holds (up to
     64); on the CPU a few (more only adds latency there)."""
     if device.type != "cuda":
@@ -57,8 +58,7 @@ def auto_slots(model: Any, slot_tokens: int, device: torch.device) -> int:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    element = next(model.parameters()).element_size()
-    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * element
+    per_token = kv_bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, kv_fp8)
     free, _total = torch.cuda.mem_get_info(device)
     return max(1, min(MAX_AUTO_SLOTS, int(0.85 * free) // (per_token * slot_tokens) - 1))
 
@@ -90,6 +90,7 @@ class LocalEngine:
         slot_tokens: int = 0,
         prefill_chunk: int = 512,
         cuda_graphs: bool = True,
+        kv_cache: KVCache = "auto",
         serves_base: bool = True,
     ) -> None:
         self.model = model
@@ -109,9 +110,13 @@ class LocalEngine:
         self._tokens_generated = 0
         self._scheduler: BatchScheduler | None = None
         if batching and supports(model):
-            self._scheduler = self._make_scheduler(slots, slot_tokens, prefill_chunk, cuda_graphs)
+            self._scheduler = self._make_scheduler(
+                slots, slot_tokens, prefill_chunk, cuda_graphs, kv_cache
+            )
             self.context_window = min(context_window, self._scheduler.runner.slot_tokens)
         elif batching:
+            if kv_cache == "fp8":
+                log.warning("kv_cache = 'fp8' applies to continuous batching only: not used")
             log.info(
                 "one request at a time: continuous batching serves unquantized LLaMA-family "
                 "weights (merged adapters, no biases or sliding window; on a GPU, head "
@@ -121,20 +126,28 @@ class LocalEngine:
         self._thread.start()
 
     def _make_scheduler(
-        self, slots: int, slot_tokens: int, prefill_chunk: int, cuda_graphs: bool
+        self, slots: int, slot_tokens: int, prefill_chunk: int, cuda_graphs: bool, kv_cache: str
     ) -> BatchScheduler:
         graphs = cuda_graphs and self._device.type == "cuda"
         slot_tokens = slot_tokens or min(self.context_window, DEFAULT_SLOT_TOKENS)
+        kv_fp8 = kv_cache == "fp8"
+        if kv_fp8 and not fp8_cache_capable(self.model.model.embed_tokens.weight):
+            log.warning(
+                "kv_cache = 'fp8' needs a GPU with float8 (sm_89 or newer), Triton and "
+                "fp16/bf16 weights: the KV cache stays in the model's dtype"
+            )
+            kv_fp8 = False
         if not slots:
-            slots = auto_slots(self.model, slot_tokens, self._device)
+            slots = auto_slots(self.model, slot_tokens, self._device, kv_fp8)
         runner = LlamaRunner(
-            self.model, slots=slots + (1 if graphs else 0), slot_tokens=slot_tokens
+            self.model, slots=slots + (1 if graphs else 0), slot_tokens=slot_tokens, kv_fp8=kv_fp8
         )
         log.info(
-            "continuous batching: %d slots of %d tokens (%.1f GiB of KV cache)",
+            "continuous batching: %d slots of %d tokens (%.1f GiB of %s KV cache)",
             slots,
             slot_tokens,
             runner.kv_bytes_per_token() * slot_tokens * runner.slots / 2**30,
+            "float8" if kv_fp8 else str(runner.dtype).removeprefix("torch."),
         )
         return BatchScheduler(
             runner,
@@ -176,6 +189,7 @@ class LocalEngine:
             slot_tokens=engine_cfg.slot_tokens,
             prefill_chunk=engine_cfg.prefill_chunk,
             cuda_graphs=engine_cfg.cuda_graphs,
+            kv_cache=engine_cfg.kv_cache,
             serves_base=not loaded.adapter_name,
         )
 

@@ -61,8 +61,22 @@ def gpu_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_engine_greedy_matches_hf_generate(dtype: torch.dtype) -> None:
+def rope_tables(tokens: int, dim: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, D) in bf16 for RoPE kernel tests."""
+    angles = torch.arange(tokens, device="cuda")[:, None] / 100 ** (
+        torch.arange(dim // 2, device="cuda") / (dim // 2)
+    )
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kv_cache"),
+    [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "fp8")],
+)
+def test_graph_engine_greedy_matches_hf_generate(dtype: torch.dtype, kv_cache: str) -> None:
+    """fp32: HF's greedy tokens exactly. bf16 (and bf16 with the float8 KV cache, which
+    takes half the memory): as close to fp32's tokens as HF's own bf16 is."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.chat_format import make_chat_format
@@ -81,16 +95,25 @@ def test_graph_engine_greedy_matches_hf_generate(dtype: torch.dtype) -> None:
     fmt.stop_token_ids = frozenset()
     prompts = [[int(t) for t in torch.randint(100, 40000, (n,))] for n in (5, 40, 300, 17)]
 
-    async def run() -> list[list[int]]:
-        engine = LocalEngine(model, tokenizer, fmt, context_window=1024, slots=4, slot_tokens=1024)
+    async def run() -> tuple[list[list[int]], Any]:
+        engine = LocalEngine(
+            model, tokenizer, fmt, context_window=1024, slots=4, slot_tokens=1024,
+            kv_cache=kv_cache,  # type: ignore[arg-type]
+        )  # fmt: skip
         params = SamplingParams(max_new_tokens=24, temperature=0)
         streams = [engine.stream_tokens(p, params) for p in prompts]
         for s in streams:
             await s.collect()
+        assert engine._scheduler is not None
+        runner = engine._scheduler.runner
         engine.close()
-        return [list(s.completion.token_ids) for s in streams]
+        return [list(s.completion.token_ids) for s in streams], runner
 
-    ours = asyncio.run(run())
+    ours, runner = asyncio.run(run())
+    if kv_cache == "fp8":
+        assert runner.k_cache.dtype == runner.v_cache.dtype == torch.float8_e4m3fn
+        head_dim = 256 // 8  # each row: head_dim bytes and a 4-byte factor (bf16: 2 a dim)
+        assert runner.kv_bytes_per_token() == 2 * 2 * 2 * (head_dim + 4)
     if dtype == torch.float32:
         for prompt, tokens in zip(prompts, ours, strict=True):
             assert tokens == hf_greedy(model, prompt, 24)
@@ -104,8 +127,11 @@ def test_graph_engine_greedy_matches_hf_generate(dtype: torch.dtype) -> None:
         ours_agree += sum(a == b for a, b in zip(tokens, ref, strict=True))
         hf_agree += sum(a == b for a, b in zip(hf_tokens, ref, strict=True))
         total += len(ref)
-    print(f"bf16 greedy tokens equal to fp32's: engine {ours_agree}/{total}, HF {hf_agree}/{total}")
-    assert ours_agree >= hf_agree - total // 8
+    print(
+        f"bf16 greedy tokens equal to fp32's: engine ({kv_cache} cache) {ours_agree}/{total},"
+        f" HF {hf_agree}/{total}"
+    )
+    assert ours_agree >= hf_agree - total // (4 if kv_cache == "fp8" else 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -190,40 +216,51 @@ def test_mixed_step_with_varlen_kernels_matches_separate_sdpa_steps(kv_heads: in
     assert (varlen_logits.argmax(-1) == sdpa_logits.argmax(-1)).float().mean() >= 0.75
 
 
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(32, 32), (8, 2)])
-def test_rope_decode_attention_matches_the_separate_kernels(heads: int, kv_heads: int) -> None:
+def test_rope_decode_attention_matches_the_separate_kernels(
+    heads: int, kv_heads: int, fp8: bool
+) -> None:
     """bf16 on the GPU: one kernel for RoPE, the cache write, attention and the merge
     gives what the RoPE + cache kernel then the split and merge kernels give, twice in
-    a row (its counters go back to zero)."""
+    a row (its counters go back to zero); with a float8 cache, the same rows and
+    factors written."""
     from engine.attention import FUSED_ROPE_ROWS, kernel_settings
     from engine.attention_triton import triton_decode_attention, triton_rope_decode_attention
     from engine.fused_triton import rope_into_cache
+    from tests.engine.test_fp8_cache import random_fp8_cache
 
     torch.manual_seed(4)
     dim, slots, tokens = 128, 6, 1024
-    k_cache = torch.randn(slots, tokens, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    angles = torch.arange(tokens, device="cuda")[:, None] / 100 ** (
-        torch.arange(64, device="cuda") / 64
-    )
-    cos = torch.cat((angles, angles), dim=-1).cos().to(torch.bfloat16)
-    sin = torch.cat((angles, angles), dim=-1).sin().to(torch.bfloat16)
+    shape = (slots, tokens, kv_heads, dim)
+    if fp8:  # keys, values, their factors
+        caches = list(random_fp8_cache(shape))
+    else:
+        caches = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    cos, sin = rope_tables(tokens)
     counters = torch.zeros(FUSED_ROPE_ROWS * kv_heads, dtype=torch.int32, device="cuda")
     for lengths in ([1], [64, 200], [129, 1, 64, 1000]):
         batch = len(lengths)
         length = torch.tensor(lengths, device="cuda")
         slot = torch.tensor([4, 0, 2, 5][:batch], device="cuda")
         qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, device="cuda").to(torch.bfloat16)
-        k_ref, v_ref = k_cache.clone(), v_cache.clone()
-        q = rope_into_cache(qkv, cos, sin, length - 1, slot, k_ref, v_ref, heads, kv_heads)
+        refs = [cache.clone() for cache in caches]
+        q = rope_into_cache(
+            qkv, cos, sin, length - 1, slot, refs[0], refs[1], heads, kv_heads,
+            (refs[2], refs[3]) if fp8 else None,
+        )  # fmt: skip
         settings = kernel_settings(batch)
-        ref = triton_decode_attention(q, k_ref, v_ref, slot, length, settings)
+        ref = triton_decode_attention(
+            q, refs[0], refs[1], slot, length, settings, (refs[2], refs[3]) if fp8 else None
+        )
         for _ in range(2):
             out = triton_rope_decode_attention(
-                qkv, cos, sin, k_cache, v_cache, slot, length, heads, counters, settings
-            )
-            assert torch.equal(v_cache, v_ref), lengths  # the value: copied as is
-            assert torch.equal(k_cache, k_ref), lengths  # the key: RoPE, the same roundings
+                qkv, cos, sin, caches[0], caches[1], slot, length, heads, counters, settings,
+                (caches[2], caches[3]) if fp8 else None,
+            )  # fmt: skip
+            # The key: RoPE, the same roundings; the value copied (or scaled) the same.
+            for cache, expected in zip(caches, refs, strict=True):
+                assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8)), lengths
             error = (out.float() - ref.float()).norm() / ref.float().norm()
             assert error < 1e-3, (lengths, error)
         assert not counters.any()
