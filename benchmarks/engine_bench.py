@@ -290,7 +290,8 @@ def main() -> None:
         kv_cache=args.kv_cache,
     )
     figures["prefill_chunk"] = args.prefill_chunk
-    figures["kv_cache"] = args.kv_cache
+    scheduler = engine._scheduler
+    figures["kv_cache"] = "fp8" if scheduler is not None and scheduler.runner.kv_fp8 else "auto"
     figures.update(asyncio.run(engine_runs(engine, requests, rng, args.conversations)))
     figures.update(asyncio.run(greedy_agreement(engine, requests[:4], references)))
     engine.close()

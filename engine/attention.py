@@ -186,10 +186,15 @@ def varlen_capable(x: torch.Tensor) -> bool:
 
 
 def fp8_cache_capable(x: torch.Tensor) -> bool:
-    """Whether a float8 e4m3 KV cache can serve this model tensor: the mixed step's
-    Triton kernels (varlen_capable) on a GPU with float8 conversions (sm_89+: Ada,
-    Hopper and newer)."""
-    return varlen_capable(x) and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    """Whether a float8 e4m3 KV cache can serve this model tensor: bf16 weights (the
+    kernels fold each value's factor into the attention weights, which fp16's range
+    would push into subnormals) through the mixed step's Triton kernels
+    (varlen_capable), on a GPU with float8 conversions (sm_89+: Ada, Hopper, newer)."""
+    return (
+        x.dtype == torch.bfloat16
+        and varlen_capable(x)
+        and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    )
 
 
 def varlen_causal(

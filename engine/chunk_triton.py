@@ -140,7 +140,7 @@ def triton_chunk_attention(
         q, k_cache, v_cache, k_scale, v_scale, cu_q, cu_k, used, out, chunks,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        kv_heads, math.log2(math.e) / math.sqrt(dim),
+        k_scale.stride(1) if scales is not None else 0, math.log2(math.e) / math.sqrt(dim),
         GROUP=heads // kv_heads, D=dim, CHUNKS=max(16, triton.next_power_of_2(chunks)),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, FP8=scales is not None, num_warps=4, num_stages=2,
         **pdl.launch(q.device),

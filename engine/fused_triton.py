@@ -167,7 +167,7 @@ def check_cache(
         for scale in scales:
             if scale.shape != k_cache.shape[:-1] or scale.dtype != torch.float32:
                 raise ValueError(f"scales must be {tuple(k_cache.shape[:-1])} fp32")
-            if scale.stride(2) != 1 or scale.stride(0) != scale.shape[1] * scale.stride(1):
+            if not scale.is_contiguous():  # the kernels index both with one set of strides
                 raise ValueError("scales must be contiguous over slots, tokens and heads")
 
 

@@ -58,7 +58,8 @@ def auto_slots(model: Any, slot_tokens: int, device: torch.device, kv_fp8: bool 
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_token = kv_bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, kv_fp8)
+    dtype = torch.float8_e4m3fn if kv_fp8 else next(model.parameters()).dtype
+    per_token = kv_bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, dtype)
     free, _total = torch.cuda.mem_get_info(device)
     return max(1, min(MAX_AUTO_SLOTS, int(0.85 * free) // (per_token * slot_tokens) - 1))
 
@@ -93,6 +94,8 @@ class LocalEngine:
         kv_cache: KVCache = "auto",
         serves_base: bool = True,
     ) -> None:
+        if kv_cache not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache must be 'auto' or 'fp8', got {kv_cache!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = chat_format
@@ -134,7 +137,7 @@ class LocalEngine:
         if kv_fp8 and not fp8_cache_capable(self.model.model.embed_tokens.weight):
             log.warning(
                 "kv_cache = 'fp8' needs a GPU with float8 (sm_89 or newer), Triton and "
-                "fp16/bf16 weights: the KV cache stays in the model's dtype"
+                "bf16 weights: the KV cache stays in the model's dtype"
             )
             kv_fp8 = False
         if not slots:

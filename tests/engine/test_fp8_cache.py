@@ -41,10 +41,17 @@ def random_fp8_cache(shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
 NAN = 0x7F  # a float8 e4m3fn NaN's byte
 
 
-def poison_past(cache: torch.Tensor, slot_ids: torch.Tensor, lengths: torch.Tensor) -> None:
-    """NaN in each sequence's slot past its length: the kernels must never let it in."""
+def poison_past(
+    caches: tuple[torch.Tensor, ...], slot_ids: torch.Tensor, lengths: torch.Tensor
+) -> None:
+    """NaN in each sequence's slot past its length, in the keys, the values and their
+    factors (the runner's are never zeroed): the kernels must never let it in."""
     for slot, length in zip(slot_ids.tolist(), lengths.tolist(), strict=True):
-        cache[slot, length:].view(torch.uint8).fill_(NAN)
+        for cache in caches:
+            if cache.dtype == torch.float32:
+                cache[slot, length:] = float("nan")
+            else:
+                cache[slot, length:].view(torch.uint8).fill_(NAN)
 
 
 # CPU: configuration and the fallback ------------------------------------------------
@@ -87,6 +94,56 @@ def test_fp8_cache_on_the_cpu_falls_back_to_the_model_dtype_with_a_warning(
     assert "kv_cache = 'fp8' needs a GPU with float8" in caplog.text
     assert dtype == torch.float32
     assert tokens == answer("auto")[0]
+
+
+def test_the_cache_size_counts_one_byte_an_element_and_a_factor_a_row(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `slots = 0` fits on a GPU: a float8 row is D bytes and a 4-byte factor,
+    so about twice the chats of a bf16 cache (the tiny model's head size is 16)."""
+    from engine.llama import kv_bytes_per_token
+    from engine.worker import auto_slots
+
+    assert kv_bytes_per_token(32, 32, 128, torch.bfloat16) == 524_288  # LLaMA-7B
+    assert kv_bytes_per_token(32, 32, 128, torch.float8_e4m3fn) == 270_336  # 52%
+    assert kv_bytes_per_token(2, 2, 16, torch.float32) == 512
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * 2**20, 8 * 2**20))
+    gpu = torch.device("cuda")
+    bf16 = tiny_model.to(torch.bfloat16)
+    try:
+        plain = auto_slots(bf16, 256, gpu)  # 85% of 2 MiB // (256 tokens * 256 bytes) - 1
+        small = auto_slots(bf16, 256, gpu, kv_fp8=True)  # ... // (256 tokens * 160 bytes) - 1
+    finally:
+        tiny_model.float()
+    assert (plain, small) == (26, 42)
+
+
+def test_a_float8_cache_is_refused_where_the_kernels_are_not(
+    tiny_model: Any, tokenizer: Any
+) -> None:
+    from engine.llama import LlamaRunner
+
+    with pytest.raises(ValueError, match="needs the Triton kernels on an sm_89"):
+        LlamaRunner(tiny_model, slots=2, slot_tokens=64, kv_fp8=True)
+    with pytest.raises(ValueError, match="kv_cache must be 'auto' or 'fp8', got 'FP8'"):
+        LocalEngine(
+            tiny_model, tokenizer, make_chat_format("template", tokenizer),
+            context_window=256, kv_cache="FP8",  # type: ignore[arg-type]
+        )  # fmt: skip
+
+
+def test_a_model_served_one_request_at_a_time_says_the_float8_cache_is_not_used(
+    tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.conftest import ScriptedLM
+
+    model = ScriptedLM(len(tokenizer), [1, 2], tokenizer.eos_token_id)  # not a LLaMA
+    with caplog.at_level(logging.WARNING, logger="engine.worker"):
+        LocalEngine(
+            model, tokenizer, make_chat_format("template", tokenizer), context_window=256,
+            kv_cache="fp8",
+        ).close()  # fmt: skip
+    assert "kv_cache = 'fp8' applies to continuous batching only: not used" in caplog.text
 
 
 # GPU: the kernels --------------------------------------------------------------------
@@ -145,7 +202,7 @@ def test_decode_attention_over_a_float8_cache_matches_the_dequantized_reference(
     q = torch.randn(5, heads, dim, device="cuda", dtype=torch.bfloat16)
     slot_ids = torch.tensor([5, 0, 3, 1, 2], device="cuda")
     lengths = torch.tensor([700, 1, 129, 128, 333], device="cuda")
-    poison_past(v8, slot_ids, lengths)
+    poison_past((k8, v8, ks, vs), slot_ids, lengths)
     ref = reference_attention(
         q.cpu(), dequantize(k8, ks).cpu(), dequantize(v8, vs).cpu(), slot_ids.cpu(), lengths.cpu()
     ).double()
@@ -187,7 +244,7 @@ def test_chunk_attention_over_a_float8_cache_matches_the_dequantized_reference()
         cu_q.append(cu_q[-1] + length)
     cu_k = [slot * tokens for slot, *_ in seqs]
     used = [start + length for _, start, length in seqs]
-    poison_past(v8, torch.tensor([slot for slot, *_ in seqs]), torch.tensor(used))
+    poison_past((k8, v8, ks, vs), torch.tensor([slot for slot, *_ in seqs]), torch.tensor(used))
 
     def ints(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device="cuda")
