@@ -54,14 +54,12 @@ def hf_rope(x, x_rot, cos, sin):
 # Launch options of kernels that round as transformers does (hf_rope).
 NO_FMA = {"enable_fp_fusion": False}
 
-# The largest finite float8 e4m3 value: an fp8 cache row's largest element maps to it.
-FP8_MAX = 448.0
-
 
 @triton.jit
 def fp8_rows(x):
     """(R, D) -> (x / scale as float8 e4m3, scale (R,) fp32): one scale per row (a
-    cached key or value of one head), its largest magnitude over FP8_MAX."""
+    cached key or value of one head), its largest magnitude over 448, float8 e4m3's
+    largest finite value."""
     x = x.to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-30) / 448.0
     scaled = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)

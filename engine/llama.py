@@ -353,8 +353,5 @@ class LlamaRunner:
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Cache bytes a token takes over all layers, keys and values, in a cache of `dtype`
     (float8: a byte an element and a 4-byte factor a row: 52% of bf16 at head size 128)."""
-    if dtype == torch.float8_e4m3fn:
-        row = head_dim + 4
-    else:
-        row = head_dim * torch.empty((), dtype=dtype).element_size()
+    row = head_dim + 4 if dtype == torch.float8_e4m3fn else head_dim * dtype.itemsize
     return 2 * layers * kv_heads * row

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,7 +28,7 @@ from engine.batching import BatchScheduler
 from engine.chat_format import ChatFormat, make_chat_format
 from engine.config import EngineConfig, KVCache, ModelConfig
 from engine.detokenize import IncrementalDecoder, StopFilter
-from engine.llama import LlamaRunner, kv_bytes_per_token, supports
+from engine.llama import LlamaRunner, head_size, kv_bytes_per_token, supports
 from engine.loading import choose_chat_format, load_model
 from engine.sampling import sample_next
 from engine.stream import TextStream
@@ -55,11 +56,9 @@ def auto_slots(model: Any, slot_tokens: int, device: torch.device, kv_fp8: bool 
     if device.type != "cuda":
         return 4
     config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     dtype = torch.float8_e4m3fn if kv_fp8 else next(model.parameters()).dtype
-    per_token = kv_bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, dtype)
+    per_token = kv_bytes_per_token(config.num_hidden_layers, kv_heads, head_size(config), dtype)
     free, _total = torch.cuda.mem_get_info(device)
     return max(1, min(MAX_AUTO_SLOTS, int(0.85 * free) // (per_token * slot_tokens) - 1))
 
@@ -94,8 +93,9 @@ class LocalEngine:
         kv_cache: KVCache = "auto",
         serves_base: bool = True,
     ) -> None:
-        if kv_cache not in ("auto", "fp8"):
-            raise ValueError(f"kv_cache must be 'auto' or 'fp8', got {kv_cache!r}")
+        if kv_cache not in typing.get_args(KVCache):
+            allowed = " or ".join(map(repr, typing.get_args(KVCache)))
+            raise ValueError(f"kv_cache must be {allowed}, got {kv_cache!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = chat_format
@@ -129,7 +129,12 @@ class LocalEngine:
         self._thread.start()
 
     def _make_scheduler(
-        self, slots: int, slot_tokens: int, prefill_chunk: int, cuda_graphs: bool, kv_cache: str
+        self,
+        slots: int,
+        slot_tokens: int,
+        prefill_chunk: int,
+        cuda_graphs: bool,
+        kv_cache: KVCache,
     ) -> BatchScheduler:
         graphs = cuda_graphs and self._device.type == "cuda"
         slot_tokens = slot_tokens or min(self.context_window, DEFAULT_SLOT_TOKENS)
