@@ -55,7 +55,7 @@ def triton_head_dim(dim: int) -> bool:
     return dim >= 16 and dim & (dim - 1) == 0
 
 
-def kernel_settings(batch: int) -> Settings:
+def kernel_settings(batch: int, fp8: bool = False) -> Settings:
     """How to cut decode attention for a batch of this size, measured on an H200 with
     benchmarks/attention_bench.py (results in benchmarks/results/attention-bench-*.json).
     Every size takes the tensor-core variant: its key and value blocks stream through
@@ -63,14 +63,18 @@ def kernel_settings(batch: int) -> Settings:
     2.96 -> 4.06 TB/s). A few sequences: each cut into 16 equal splits of whole blocks
     (batch 1, 128 keys: 6.6 -> 5.3 us). Larger batches fill the GPU with sequences: each
     cut in halves (or every 256 keys), the grid heads first, so programs that start
-    together read neighbouring heads of the same tokens."""
+    together read neighbouring heads of the same tokens. fp8: a float8 cache, whose
+    kernel is bound by its instructions (conversions, byte-wise value loads), not by
+    memory; past 32 sequences it takes blocks of 32 keys (batch 64, 300-600 keys: 148.9
+    -> 133.7 us per layer, where bf16 takes 115.9;
+    benchmarks/results/notes-2026-11-29-gpu-session9.md)."""
     if batch <= FUSED_ROPE_ROWS:
         return Settings(0, 32, 4, 3, parts=16, dot=True)
     if batch <= 16:
         return Settings(0, 64, 4, 2, parts=2, heads_first=True, dot=True)
     if batch <= 32:
         return Settings(256, 64, 4, 2, heads_first=True, dot=True)
-    return Settings(0, 64, 4, 3, parts=2, heads_first=True, dot=True)
+    return Settings(0, 32 if fp8 else 64, 4, 3, parts=2, heads_first=True, dot=True)
 
 
 def decode_attention(
@@ -86,9 +90,8 @@ def decode_attention(
     if q.is_cuda and _HAS_TRITON:
         from engine.attention_triton import triton_decode_attention
 
-        return triton_decode_attention(
-            q, k_cache, v_cache, slots, lengths, kernel_settings(q.shape[0]), scales
-        )
+        settings = kernel_settings(q.shape[0], fp8=scales is not None)
+        return triton_decode_attention(q, k_cache, v_cache, slots, lengths, settings, scales)
     if scales is not None:
         raise ValueError("a float8 KV cache is read by the Triton kernels only")
     return gathered_decode_attention(q, k_cache, v_cache, slots, lengths)

@@ -168,11 +168,12 @@ def _split_kernel(
                 other=0.0,
             )
             if FP8:
-                # Half the bytes of bf16, yet slower on an H200 (64 chats: 4,881 against
-                # 5,246 tok/s): the values go from shared memory into the product's
-                # layout a byte at a time (8-bit operands have no transposing matrix
-                # load). Laid out keys-fastest instead they loaded whole but ran slower
-                # still (4,510): benchmarks/results/notes-2026-11-29-gpu-session8.md.
+                # Half the bytes of bf16, yet slower on an H200 (batch 64: 133.7 against
+                # 115.9 us per layer): bound by instructions, not memory (168 registers;
+                # the values go from shared memory into the product's layout a byte at
+                # a time, since 8-bit operands have no transposing matrix load). Loading
+                # them whole (keys-fastest, or as int16 pairs converted first) was no
+                # faster: benchmarks/results/notes-2026-11-29-gpu-session{8,9}.md.
                 weights = (p * v_scale[None, :]).to(Out.dtype.element_ty)
                 weighted = tl.dot(weights, v.to(Out.dtype.element_ty))
             elif DOT:

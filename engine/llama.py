@@ -260,7 +260,8 @@ class LlamaRunner:
                 )
                 triton_decode_rows_attention(
                     q, k_cache, v_cache, plan.slots, plan.positions, plan.decode_first,
-                    plan.decode_capacity, out, kernel_settings(plan.decode_capacity), scales,
+                    plan.decode_capacity, out,
+                    kernel_settings(plan.decode_capacity, fp8=scales is not None), scales,
                 )  # fmt: skip
             else:
                 parts = []
@@ -340,7 +341,7 @@ class LlamaRunner:
                 qkv = linear(h, layer.qkv, None, self._rms(layer.input_norm))
                 out = triton_rope_decode_attention(
                     qkv, self.cos, self.sin, k_cache, v_cache, slots, lengths, self.heads,
-                    counters, kernel_settings(tokens.shape[0]), self._scales(index),
+                    counters, kernel_settings(tokens.shape[0], fp8=self.kv_fp8), self._scales(index),
                 )  # fmt: skip
             else:
                 q = self._project_and_cache(index, layer, h, positions, slots, linear)

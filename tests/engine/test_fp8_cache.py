@@ -208,7 +208,7 @@ def test_decode_attention_over_a_float8_cache_matches_the_dequantized_reference(
     ).double()
     for batch in (1, 8, 32, 64):
         out = triton_decode_attention(
-            q, k8, v8, slot_ids, lengths, kernel_settings(batch), (ks, vs)
+            q, k8, v8, slot_ids, lengths, kernel_settings(batch, fp8=True), (ks, vs)
         )
         error = (out.double().cpu() - ref).norm() / ref.norm()
         assert error < 1e-2, (batch, error)
@@ -218,8 +218,9 @@ def test_decode_attention_over_a_float8_cache_matches_the_dequantized_reference(
     rows_positions = torch.cat([torch.zeros(3, dtype=lengths.dtype, device="cuda"), lengths - 1])
     out = torch.full_like(rows_q, 7.0)
     first = torch.tensor([3], dtype=torch.int32, device="cuda")
+    settings = kernel_settings(8, fp8=True)
     triton_decode_rows_attention(
-        rows_q, k8, v8, rows_slots, rows_positions, first, 8, out, kernel_settings(8), (ks, vs)
+        rows_q, k8, v8, rows_slots, rows_positions, first, 8, out, settings, (ks, vs)
     )
     assert (out[:3] == 7.0).all()
     error = (out[3:].double().cpu() - ref).norm() / ref.norm()
