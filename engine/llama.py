@@ -119,6 +119,11 @@ class LlamaRunner:
             # torch sends SDPA to cuDNN by default, which builds a plan for every new
             # shape (40 ms - 2 s); prefill meets a new length every chunk.
             torch.backends.cuda.enable_cudnn_sdp(False)
+            # cuBLASLt's picks beat cuBLAS's for the few-row products of decode steps (an
+            # H200, 7B, 64 chats, A/B in both orders in one call: 5,200-5,224 -> 5,265-5,285
+            # tok/s; benchmarks/results/notes-2026-11-29-gpu-session9.md). torch logs once
+            # that the setting is experimental.
+            torch.backends.cuda.preferred_blas_library("cublaslt")
         # Mixed steps' chunks and decode rows through Triton kernels on a GPU that has
         # them (the chunks as varlen sequences: engine/plan.VarlenPlan); SDPA elsewhere.
         self.varlen = varlen_capable(self.embed)
