@@ -344,9 +344,10 @@ class LlamaRunner:
                 from engine.attention_triton import triton_rope_decode_attention
 
                 qkv = linear(h, layer.qkv, None, self._rms(layer.input_norm))
+                settings = kernel_settings(tokens.shape[0], fp8=self.kv_fp8)
                 out = triton_rope_decode_attention(
                     qkv, self.cos, self.sin, k_cache, v_cache, slots, lengths, self.heads,
-                    counters, kernel_settings(tokens.shape[0], fp8=self.kv_fp8), self._scales(index),
+                    counters, settings, self._scales(index),
                 )  # fmt: skip
             else:
                 q = self._project_and_cache(index, layer, h, positions, slots, linear)
