@@ -244,6 +244,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tiny", action="store_true", help="small random model on the CPU")
     parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument(
+        "--kv-cache", choices=["auto", "fp8"], default="auto", help="[engine] kv_cache"
+    )
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -272,6 +275,7 @@ def main() -> None:
         engine = LocalEngine(
             model, tokenizer, chat_format, context_window=2048, max_queue=256,
             slots=64, slot_tokens=2048, prefill_chunk=args.prefill_chunk,
+            kv_cache=args.kv_cache,
         )  # fmt: skip
         scheduler = engine._scheduler
         assert scheduler is not None

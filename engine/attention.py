@@ -63,8 +63,10 @@ def kernel_settings(batch: int, fp8: bool = False) -> Settings:
     2.96 -> 4.06 TB/s). A few sequences: each cut into 16 equal splits of whole blocks
     (batch 1, 128 keys: 6.6 -> 5.3 us). Larger batches fill the GPU with sequences: each
     cut in halves (or every 256 keys), the grid heads first, so programs that start
-    together read neighbouring heads of the same tokens. fp8: a float8 cache, whose
-    kernel is bound by its instructions (conversions, byte-wise value loads), not by
+    together read neighbouring heads of the same tokens. fp8: a float8 cache read by
+    Triton's kernel (the RoPE-fused variant, or more than 8 query heads a KV head; the
+    CUDA kernel of engine/attention_fp8.py takes the rest and cuts its own splits),
+    which is bound by its instructions (conversions, byte-wise value loads), not by
     memory; past 32 sequences it takes blocks of 32 keys (batch 64, 300-600 keys: 148.9
     -> 133.7 us per layer, where bf16 takes 115.9;
     benchmarks/results/notes-2026-11-29-gpu-session9.md)."""
@@ -86,7 +88,7 @@ def decode_attention(
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q (B, H, D); caches (S, T, K, D); slots, lengths (B,) -> (B, H, D). scales: a
-    float8 cache's (S, T, K) factors (the Triton kernel alone reads one)."""
+    float8 cache's (S, T, K) factors (only the GPU kernels read one)."""
     if q.is_cuda and _HAS_TRITON:
         from engine.attention_triton import triton_decode_attention
 

@@ -173,7 +173,9 @@ def _split_kernel(
                 # the values go from shared memory into the product's layout a byte at
                 # a time, since 8-bit operands have no transposing matrix load). Loading
                 # them whole (keys-fastest, or as int16 pairs converted first) was no
-                # faster: benchmarks/results/notes-2026-11-29-gpu-session{8,9}.md.
+                # faster: benchmarks/results/notes-2026-11-29-gpu-session{8,9}.md. So
+                # _launch sends float8 caches to engine/attention_fp8.py (69.6 us) where
+                # it can: this path serves the RoPE-fused variant and large groups.
                 weights = (p * v_scale[None, :]).to(Out.dtype.element_ty)
                 weighted = tl.dot(weights, v.to(Out.dtype.element_ty))
             elif DOT:
@@ -254,11 +256,18 @@ def _launch(
 ) -> None:
     """based: (first, batch): programs for `batch` rows from row first[0] of q, slots,
     lengths (then positions) and out, those below q's rows. scales: a float8 cache's
-    (S, T, K) factors (engine/fused_triton.check_cache)."""
+    (S, T, K) factors (engine/fused_triton.check_cache); such a cache goes to the CUDA
+    kernel of engine/attention_fp8.py where it can (all but the RoPE variant)."""
     check_cache(k_cache, v_cache, scales)
     batch, dim = based[1] if based else lengths.shape[0], k_cache.shape[-1]
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
+    first = based[0] if based else lengths  # (unread without `based`)
+    if scales is not None and rope is None and _cuda_fp8(q, k_cache, group, slots, lengths, first):
+        from engine.attention_fp8 import decode_attention
+
+        decode_attention(q, k_cache, v_cache, scales, slots, lengths, out, based)
+        return
     if settings.parts > 0:
         nsplit = settings.parts
         if nsplit != triton.next_power_of_2(nsplit):
@@ -276,7 +285,6 @@ def _launch(
         raise ValueError("the rows variant merges in a second kernel: no counters")
     if settings.dot and settings.block_n < 16:
         raise ValueError(f"tensor-core blocks need block_n >= 16, got {settings}")
-    first = based[0] if based else lengths  # (unread without `based`)
     rows = q.shape[0]
     # Tensor-core products want at least 16 rows and half-precision operands (float32
     # would run as TF32).
@@ -310,10 +318,32 @@ def _launch(
         num_warps=settings.warps, num_stages=settings.stages, **launch,
     )  # fmt: skip
     if counters is None:
-        _merge_kernel[(batch, heads)](
-            acc, stats, out, first, rows, out.stride(0), out.stride(1), heads,
-            D=dim, NSPLIT=nsplit, BASED=based is not None,
-        )  # fmt: skip
+        merge_splits(acc, stats, out, first, rows, based is not None)
+
+
+def merge_splits(
+    acc: torch.Tensor,
+    stats: torch.Tensor,
+    out: torch.Tensor,
+    first: torch.Tensor,
+    rows: int,
+    based: bool,
+) -> None:
+    """Each (sequence, head)'s output from its splits' partials: acc (B, H, S, D) and
+    stats (B, H, S, 2) (max, sum); based: row b of them is row first[0] + b of out."""
+    batch, heads, nsplit, dim = acc.shape
+    _merge_kernel[(batch, heads)](
+        acc, stats, out, first, rows, out.stride(0), out.stride(1), heads,
+        D=dim, NSPLIT=nsplit, BASED=based,
+    )  # fmt: skip
+
+
+def _cuda_fp8(q: torch.Tensor, k_cache: torch.Tensor, group: int, *indices: torch.Tensor) -> bool:
+    """Whether the CUDA kernel of engine/attention_fp8.py reads this float8 cache (the
+    split programs; the RoPE-fused variant stays Triton's)."""
+    from engine import attention_fp8
+
+    return attention_fp8.ENABLED and attention_fp8.usable(q, k_cache, group, *indices)
 
 
 def triton_decode_attention(

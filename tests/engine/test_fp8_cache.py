@@ -258,3 +258,69 @@ def test_chunk_attention_over_a_float8_cache_matches_the_dequantized_reference()
         got = out[cu_q[i] : cu_q[i + 1]].double()
         error = (got - expected).norm() / expected.norm()
         assert error < 1e-2, (i, error)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "dtype", "splits"),
+    [
+        (32, 32, 128, torch.bfloat16, 1),  # LLaMA-7B at 64 chats: no merge kernel
+        (32, 32, 128, torch.bfloat16, 4),
+        (9, 3, 64, torch.bfloat16, 1),  # SmolLM2's 3 query heads a KV head
+        (9, 3, 64, torch.bfloat16, 8),
+        (32, 4, 128, torch.float16, 2),  # 8 a KV head: the most the kernel takes
+        (32, 2, 128, torch.bfloat16, 2),  # 16 a KV head: Triton's kernel instead
+    ],
+)
+def test_the_cuda_kernel_reads_a_float8_cache_as_the_reference(
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    dtype: torch.dtype,
+    splits: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """engine/attention_fp8.py (compiled by NVRTC): the float64 attention over the
+    dequantized cache, with one split (it writes the output itself) or several (the
+    merge kernel finishes), for a step's sequences and for a mixed step's decode rows
+    (rows before them untouched); the groups it cannot take go to the Triton kernel."""
+    from engine import attention_fp8
+    from engine.attention import kernel_settings, reference_attention
+    from engine.attention_triton import triton_decode_attention, triton_decode_rows_attention
+
+    monkeypatch.setattr(attention_fp8, "splits", lambda programs, device: splits)
+    calls = []
+    original = attention_fp8.decode_attention
+
+    def counted(*args: Any) -> None:
+        calls.append(args)
+        original(*args)
+
+    monkeypatch.setattr(attention_fp8, "decode_attention", counted)
+    torch.manual_seed(7)
+    lengths = torch.tensor([700, 1, 31, 32, 33, 129, 333, 64, 65], device="cuda")
+    batch, slots, tokens = len(lengths), len(lengths) + 2, 740
+    k8, v8, ks, vs = random_fp8_cache((slots, tokens, kv_heads, dim))
+    q = (torch.randn(batch, heads, dim, device="cuda") * 2).to(dtype)
+    slot_ids = torch.randperm(slots, device="cuda")[:batch]
+    poison_past((k8, v8, ks, vs), slot_ids, lengths)
+    ref = reference_attention(
+        q.cpu(), dequantize(k8, ks).cpu(), dequantize(v8, vs).cpu(), slot_ids.cpu(), lengths.cpu()
+    ).double()
+    settings = kernel_settings(batch, fp8=True)
+    out = triton_decode_attention(q, k8, v8, slot_ids, lengths, settings, (ks, vs))
+    error = (out.double().cpu() - ref).norm() / ref.norm()
+    assert error < 5e-3, error  # the kernel measured 1.7e-3 here, Triton's 2.3e-3
+    rows_q = torch.cat([torch.randn(3, heads, dim, device="cuda").to(dtype), q])
+    rows_slots = torch.cat([slot_ids[:3], slot_ids])
+    rows_positions = torch.cat([lengths[:3] - 1, lengths - 1])
+    out = torch.full_like(rows_q, 7.0)
+    first = torch.tensor([3], dtype=torch.int32, device="cuda")
+    triton_decode_rows_attention(
+        rows_q, k8, v8, rows_slots, rows_positions, first, batch + 4, out, settings, (ks, vs)
+    )
+    assert (out[:3] == 7.0).all()
+    error = (out[3:].double().cpu() - ref).norm() / ref.norm()
+    assert error < 5e-3, error
+    assert len(calls) == (2 if heads // kv_heads <= 8 else 0)

@@ -1,0 +1,477 @@
+"""Decode attention over a float8 cache: a CUDA kernel compiled at run time (NVRTC).
+
+Triton's kernel for a float8 cache (engine/attention_triton.py, FP8) is bound by its
+instructions (Triton moves 8-bit value blocks into the tensor-core layout a byte at a
+time through shared memory) and ran slower than bf16 at half the bytes. This one feeds
+the tensor cores straight from registers, in the FlashAttention-2 register layouts and
+with the free choice of which key and which dimension each column of a product stands
+for:
+
+- scores S = Q K^T with `mma.m16n8k16` (f16 in, f32 out): Q is the A operand (the
+  group's query heads as rows), the keys the B operand. A thread's B fragment covers 4
+  of a key's dimensions per 16-wide step; ordering the dimensions so that a thread's
+  are contiguous makes every key read a 16-byte load of its row, and one
+  `cvt.rn.f16x2.e4m3x2` (exact) turns two bytes into the operand.
+- values O^T = V^T P^T with the same instruction: the C fragment of the scores is the
+  B fragment of P^T as it stands (no shuffle). A thread's A fragment pairs two keys at
+  one dimension; 16-byte loads of 4 keys' rows and one `prmt` per 4 pairs arrange them.
+- The per-key factors: the keys' multiply the scores; the values' multiply the weights,
+  kept in f16's range by a running reference (the largest value factor so far, rescaled
+  like the running maximum).
+
+One warp a (KV head, sequence, split), as many splits as fill the GPU once: at 64
+sequences one, and the kernel writes the output itself (no merge kernel). On an H200,
+batch 64 of 300-600 keys, 32 KV heads of 128: 69.6 us per layer against 133.3 for
+Triton's float8 kernel and 117.7 for bf16 (benchmarks/results/fp8-attention-*-s10*.json);
+64 chats in engine_bench went from 4,984 (Triton's float8 kernel) to 5,600-5,626 tok/s,
+bf16 5,213 on the same machine. Its rounding: relative error 1.7e-3 against float64
+over the dequantized cache, Triton's 2.3e-3.
+
+Query heads per KV head: at most 8 (the products' N); head size 64 or 128; bf16 or fp16
+queries. Needs sm_89+ (the float8 conversion) and NVRTC, which torch's CUDA wheels bring
+(torch.cuda._compile_kernel). Elsewhere, or if it fails to compile, Triton's kernel
+reads the cache (attention_triton._launch asks `usable`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KEYS = 32  # keys a warp takes per iteration of its loop (two 16-key products)
+MIN_BLOCKS = 16  # warps an SM holds at least: caps a thread at 128 registers
+ENABLED = True  # False: Triton's kernel reads float8 caches too (A/B benchmarks)
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+#define NEG_INF __int_as_float(0xff800000)
+
+#define ROWS (D / 4)   /* key bytes a thread reads per key: a quarter of the row */
+#define COLS (D / 8)   /* value bytes a thread reads per key: an eighth */
+#define STEPS (D / 16) /* 16-wide steps of the score product */
+#define TILES (D / 16) /* 16-dimension tiles of the value product */
+
+__device__ __forceinline__ void e4m3x4_to_f16x2(u32 w, u32 &lo, u32 &hi) {
+    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n"
+        " cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
+        : "=r"(lo), "=r"(hi) : "r"(w));
+}
+
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma(float *c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float half_to_float(u16 x) {
+#if BF16
+    return __int_as_float(((u32)x) << 16);
+#else
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x));
+    return r;
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void load_words(u32 *dst, const unsigned char *src) {
+    if (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            uint4 v = *reinterpret_cast<const uint4 *>(src + 4 * i);
+            dst[i] = v.x; dst[i + 1] = v.y; dst[i + 2] = v.z; dst[i + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i += 2) {
+            uint2 v = *reinterpret_cast<const uint2 *>(src + 4 * i);
+            dst[i] = v.x; dst[i + 1] = v.y;
+        }
+    }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
+struct Block {
+    u32 kw[KEYS / 8][ROWS / 4];  /* [block*2 + tile][word] */
+    u32 vw[KEYS / 4][COLS / 4];  /* [block*4 + e][word] */
+    float ks[KEYS / 4], vs[KEYS / 4];
+};
+
+/* This thread's share of keys base .. base + KEYS - 1 (rows past the end re-read the
+   last key: finite bytes, masked later). In a block of 16, the scores' columns 2t, 2t+1
+   of the two 8-key tiles are keys 4t .. 4t+3; the key tiles' column g (loaded by group
+   g) is key0 = 4(g/2) + g%2 (+2 in the second tile). */
+__device__ __forceinline__ void load_block(
+    Block &blk, i64 base, i64 end, const unsigned char *kbase, const unsigned char *vbase,
+    const float *KS, const float *VS, i64 sbase, int stride_kt, int stride_vt, int stride_st,
+    int key0, int g, int t)
+{
+#pragma unroll
+    for (int kb = 0; kb < KEYS / 16; kb++) {
+#pragma unroll
+        for (int tile = 0; tile < 2; tile++) {
+            i64 key = min(base + 16 * kb + key0 + 2 * tile, end - 1);
+            load_words<ROWS / 4>(blk.kw[kb * 2 + tile], kbase + key * stride_kt + ROWS * t);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            i64 key = min(base + 16 * kb + 4 * t + e, end - 1);
+            load_words<COLS / 4>(blk.vw[kb * 4 + e], vbase + key * stride_vt + COLS * g);
+            blk.ks[kb * 4 + e] = KS[sbase + key * stride_st];
+            blk.vs[kb * 4 + e] = VS[sbase + key * stride_st];
+        }
+    }
+}
+
+/* The online softmax over one block: scores, weights, and the weighted values into acc. */
+__device__ __forceinline__ void attend_block(
+    Block &blk, i64 base, i64 end, float scale, const u32 *qa, const u32 *qb,
+    float (*acc)[4], float &m, float &l, float &ref, int t)
+{
+    /* scores: s[kb*4 + e] is key base + 16kb + 4t + e, for head g */
+    float s[KEYS / 4];
+#pragma unroll
+    for (int kb = 0; kb < KEYS / 16; kb++) {
+#pragma unroll
+        for (int tile = 0; tile < 2; tile++) {
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int j = 0; j < STEPS; j++) {
+                u32 b0, b1;
+                e4m3x4_to_f16x2(blk.kw[kb * 2 + tile][j], b0, b1);
+                mma(c, qa[j], 0u, qb[j], 0u, b0, b1);
+            }
+            s[kb * 4 + 2 * tile] = c[0];
+            s[kb * 4 + 2 * tile + 1] = c[1];
+        }
+    }
+    float block_max = NEG_INF, vmax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < KEYS / 4; i++) {
+        const bool ok = base + 16 * (i / 4) + 4 * t + (i % 4) < end;
+        s[i] = ok ? s[i] * blk.ks[i] * scale : NEG_INF;
+        blk.vs[i] = ok ? blk.vs[i] : 0.0f;
+        block_max = fmaxf(block_max, s[i]);
+        vmax = fmaxf(vmax, blk.vs[i]);
+    }
+    block_max = quad_max(block_max);
+    vmax = quad_max(vmax);
+    const float m_new = fmaxf(m, block_max);
+    const float corr = exp2_approx(m - m_new);
+    const float ref_new = fmaxf(ref, vmax);
+    const float inv = ref_new > 0.0f ? 1.0f / ref_new : 0.0f;
+    const float rescale = ref_new > 0.0f ? ref / ref_new : 0.0f;
+    u32 pb0[KEYS / 16], pb1[KEYS / 16];
+    float sum = 0.0f;
+#pragma unroll
+    for (int kb = 0; kb < KEYS / 16; kb++) {
+        float p[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            p[e] = exp2_approx(s[kb * 4 + e] - m_new);
+            sum += p[e];
+            p[e] *= blk.vs[kb * 4 + e] * inv;
+        }
+        pb0[kb] = pack_f16x2(p[0], p[1]);
+        pb1[kb] = pack_f16x2(p[2], p[3]);
+    }
+    l = l * corr + sum;
+    m = m_new;
+    ref = ref_new;
+    /* The accumulators' columns are heads 2t and 2t+1: their corrections live in
+       groups 2t and 2t+1. */
+    const float f0 = __shfl_sync(0xffffffff, corr, 8 * t) * rescale;
+    const float f1 = __shfl_sync(0xffffffff, corr, 8 * t + 4) * rescale;
+#pragma unroll
+    for (int i = 0; i < TILES; i++) {
+        acc[i][0] *= f0; acc[i][1] *= f1; acc[i][2] *= f0; acc[i][3] *= f1;
+    }
+    /* O^T += V^T P^T: A = V^T (rows: dimensions, columns: keys 4t..4t+3 of the
+       block), B = P^T (this thread's own weights, as computed). */
+#pragma unroll
+    for (int kb = 0; kb < KEYS / 16; kb++) {
+#pragma unroll
+        for (int w = 0; w < COLS / 4; w++) {
+            const u32 x01 = prmt(blk.vw[kb * 4][w], blk.vw[kb * 4 + 1][w], 0x5140);
+            const u32 y01 = prmt(blk.vw[kb * 4][w], blk.vw[kb * 4 + 1][w], 0x7362);
+            const u32 x23 = prmt(blk.vw[kb * 4 + 2][w], blk.vw[kb * 4 + 3][w], 0x5140);
+            const u32 y23 = prmt(blk.vw[kb * 4 + 2][w], blk.vw[kb * 4 + 3][w], 0x7362);
+            u32 a0, a1, a2, a3;
+            e4m3x4_to_f16x2(x01, a0, a1);
+            e4m3x4_to_f16x2(x23, a2, a3);
+            mma(acc[2 * w], a0, a1, a2, a3, pb0[kb], pb1[kb]);
+            e4m3x4_to_f16x2(y01, a0, a1);
+            e4m3x4_to_f16x2(y23, a2, a3);
+            mma(acc[2 * w + 1], a0, a1, a2, a3, pb0[kb], pb1[kb]);
+        }
+    }
+}
+
+
+__device__ __forceinline__ u32 pack_out(float lo, float hi) {
+    u32 r;
+#if BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode_split(
+    const u16 *Q, const unsigned char *K, const unsigned char *V,
+    const float *KS, const float *VS, const SLOT_T *Slots, const LEN_T *Lens,
+    float *Acc, float *Stats, const FIRST_T *First, int rows,
+    int stride_qb, int stride_qh,
+    int stride_ks, int stride_kt, int stride_kh,
+    int stride_vs, int stride_vt, int stride_vh,
+    int stride_ss, int stride_st, double scale_arg, u16 *Out, int stride_ob, int stride_oh)
+{
+    const int kvh = blockIdx.x, pb = blockIdx.y, split = blockIdx.z;
+    const int kv_heads = gridDim.x;
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+#if BASED
+    i64 b = pb + First[0];
+    const bool real = b < rows;
+    if (!real) b = 0;
+    const i64 length = real ? Lens[b] + 1 : 0;
+#else
+    const i64 b = pb;
+    const i64 length = Lens[b];
+#endif
+    const i64 slot = Slots[b];
+    const i64 span = ((length + NSPLIT - 1) / NSPLIT + KEYS - 1) / KEYS * KEYS;
+    const i64 start = split * span;
+    const i64 first_row = ((i64)pb * kv_heads * GROUP + (i64)kvh * GROUP) * NSPLIT + split;
+    if (start >= length) {
+        if (NSPLIT > 1 && t == 0 && g < GROUP) {
+            Stats[(first_row + g * NSPLIT) * 2] = NEG_INF;
+            Stats[(first_row + g * NSPLIT) * 2 + 1] = 0.0f;
+        }
+        return;
+    }
+    const i64 end = min(start + span, length);
+    const float scale = (float)scale_arg * 1.4426950408889634f;  /* scores in log2 units */
+
+    /* The queries: A fragments of the score product, rows = the group's heads. Step j's
+       16-wide slice is, for this thread, dimensions ROWS*t + 4j .. +3. */
+    u32 qa[STEPS], qb[STEPS];
+    {
+        float q[ROWS];
+        if (g < GROUP) {
+            const u16 *row = Q + b * stride_qb + (i64)(kvh * GROUP + g) * stride_qh + ROWS * t;
+#pragma unroll
+            for (int i = 0; i < ROWS; i++) q[i] = half_to_float(row[i]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < ROWS; i++) q[i] = 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < STEPS; j++) {
+            qa[j] = pack_f16x2(q[4 * j], q[4 * j + 1]);
+            qb[j] = pack_f16x2(q[4 * j + 2], q[4 * j + 3]);
+        }
+    }
+
+    /* O^T accumulators: tile i, row g = dimension COLS*g + 2i, row g+8 = +1; columns
+       2t, 2t+1 = query heads. */
+    float acc[TILES][4];
+#pragma unroll
+    for (int i = 0; i < TILES; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    float m = NEG_INF, l = 0.0f, ref = 0.0f;
+
+    const unsigned char *kbase = K + slot * stride_ks + (i64)kvh * stride_kh;
+    const unsigned char *vbase = V + slot * stride_vs + (i64)kvh * stride_vh;
+    const i64 sbase = slot * stride_ss + kvh;
+    const int key0 = 4 * (g >> 1) + (g & 1);
+
+    for (i64 base = start; base < end; base += KEYS) {
+        Block cur;
+        load_block(cur, base, end, kbase, vbase, KS, VS, sbase, stride_kt, stride_vt, stride_st,
+                   key0, g, t);
+        attend_block(cur, base, end, scale, qa, qb, acc, m, l, ref, t);
+    }
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+#if NSPLIT == 1
+    /* One split: the normalised output, in the model's dtype (no merge kernel). */
+    const float l0 = __shfl_sync(0xffffffff, l, 8 * t), l1 = __shfl_sync(0xffffffff, l, 8 * t + 4);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int head = 2 * t + h;
+        if (head < GROUP) {
+            const float norm = ref / (h ? l1 : l0);
+            u16 *out = Out + b * stride_ob + (i64)(kvh * GROUP + head) * stride_oh + COLS * g;
+            u32 words[COLS / 2];
+#pragma unroll
+            for (int i = 0; i < TILES; i++) words[i] = pack_out(acc[i][h] * norm, acc[i][2 + h] * norm);
+#pragma unroll
+            for (int i = 0; i < COLS / 2; i += 4) {
+                uint4 v; v.x = words[i]; v.y = words[i + 1]; v.z = words[i + 2]; v.w = words[i + 3];
+                *reinterpret_cast<uint4 *>(out + 2 * i) = v;
+            }
+        }
+    }
+#else
+    if (t == 0 && g < GROUP) {
+        Stats[(first_row + g * NSPLIT) * 2] = m * 0.6931471805599453f;  /* natural log */
+        Stats[(first_row + g * NSPLIT) * 2 + 1] = l;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int head = 2 * t + h;
+        if (head < GROUP) {
+            float *out = Acc + (first_row + head * NSPLIT) * D + COLS * g;
+#pragma unroll
+            for (int i = 0; i < TILES; i += 2) {
+                float4 v;
+                v.x = acc[i][h] * ref; v.y = acc[i][2 + h] * ref;
+                v.z = acc[i + 1][h] * ref; v.w = acc[i + 1][2 + h] * ref;
+                *reinterpret_cast<float4 *>(out + 2 * i) = v;
+            }
+        }
+    }
+#endif
+}
+"""
+
+
+_C_TYPES = {torch.int32: "int", torch.int64: "long long"}
+
+
+def source(dim: int, group: int, nsplit: int, based: bool, bf16: bool, index_types: str) -> str:
+    """The kernel's source for one configuration (compile-time constants); index_types:
+    the C types of slots, lengths and first, comma-separated."""
+    slot_t, len_t, first_t = index_types.split(",")
+    defines = {
+        "D": dim, "GROUP": group, "NSPLIT": nsplit, "BASED": int(based), "BF16": int(bf16),
+        "KEYS": KEYS, "MIN_BLOCKS": MIN_BLOCKS,
+        "SLOT_T": slot_t, "LEN_T": len_t, "FIRST_T": first_t,
+    }  # fmt: skip
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+
+
+@functools.cache
+def _kernel(*config: Any) -> Any:
+    from torch.cuda import _compile_kernel
+
+    return _compile_kernel(source(*config), "fp8_decode_split")
+
+
+@functools.cache
+def _compiles(device_index: int) -> bool:
+    """Whether NVRTC builds the kernel for this GPU (once a process): a torch without
+    torch.cuda._compile_kernel, or a missing NVRTC library, leaves it to Triton."""
+    try:
+        with torch.cuda.device(device_index):
+            _kernel(128, 1, 1, False, True, "long long,long long,long long")
+    except (AttributeError, ImportError, OSError, RuntimeError) as error:
+        log.warning("float8 cache: the CUDA attention kernel is not used (%s)", error)
+        return False
+    return True
+
+
+def usable(q: torch.Tensor, k_cache: torch.Tensor, group: int, *indices: torch.Tensor) -> bool:
+    """Whether this kernel serves these tensors (else Triton's does); indices: slots,
+    lengths or positions, and the first row (int32 or int64)."""
+    if not (q.is_cuda and k_cache.dtype == torch.float8_e4m3fn and 1 <= group <= 8):
+        return False
+    if k_cache.shape[-1] not in (64, 128) or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not all(x.dtype in _C_TYPES for x in indices):
+        return False
+    # 16-byte row loads: rows start on 16 bytes; q's rows are read element by element.
+    aligned = all(s % 16 == 0 for s in k_cache.stride()[:3]) and k_cache.stride(3) == 1
+    if not (aligned and q.stride(-1) == 1):
+        return False
+    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(device) >= (8, 9) and _compiles(device)
+
+
+def splits(programs: int, device: torch.device) -> int:
+    """How many splits each (sequence, KV head) takes: enough warps to fill the GPU once
+    (MIN_BLOCKS a multiprocessor), a power of two up to 32. On an H200 (32 KV heads,
+    300-600 keys) that is one at batch 64 (70.1 us per layer, against 74.8 for two
+    and 80.6 for four), and 2/4/8 at batches 32/16/8, each the fastest measured."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    parts = 1
+    while parts < 32 and programs * parts * 2 <= sms * MIN_BLOCKS:
+        parts *= 2
+    return parts
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    out: torch.Tensor,
+    based: tuple[torch.Tensor, int] | None,
+) -> None:
+    """attention_triton._launch's work for a float8 cache: each (KV head, sequence,
+    split) attends over its share of the keys; one split writes `out` itself, several
+    write partials (max, sum, weighted values) that the merge kernel finishes. based:
+    (first, batch) as there (a mixed step's decode rows, found on the device)."""
+    from engine.attention_triton import merge_splits
+
+    batch = based[1] if based else lengths.shape[0]
+    heads, kv_heads, dim = q.shape[1], k_cache.shape[2], k_cache.shape[3]
+    nsplit = splits(batch * kv_heads, q.device)
+    if nsplit > 1:
+        acc = torch.empty((batch, heads, nsplit, dim), dtype=torch.float32, device=q.device)
+        stats = torch.empty((batch, heads, nsplit, 2), dtype=torch.float32, device=q.device)
+    else:
+        acc = stats = out  # unread
+    first = based[0] if based else lengths  # (unread without `based`)
+    index_types = ",".join(_C_TYPES[x.dtype] for x in (slots, lengths, first))
+    bf16 = q.dtype == torch.bfloat16
+    kernel = _kernel(dim, heads // kv_heads, nsplit, based is not None, bf16, index_types)
+    k_scale, v_scale = scales
+    kernel(
+        grid=(kv_heads, batch, nsplit),
+        block=(32, 1, 1),
+        args=[
+            q, k_cache, v_cache, k_scale, v_scale, slots, lengths, acc, stats, first,
+            q.shape[0], q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            k_scale.stride(0), k_scale.stride(1), 1.0 / math.sqrt(dim),
+            out, out.stride(0), out.stride(1),
+        ],
+    )  # fmt: skip
+    if nsplit > 1:
+        merge_splits(acc, stats, out, first, q.shape[0], based is not None)
