@@ -403,7 +403,9 @@ def _compiles(device_index: int) -> bool:
     return True
 
 
-def usable(q: torch.Tensor, k_cache: torch.Tensor, group: int, *indices: torch.Tensor) -> bool:
+def usable(
+    q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor, group: int, *indices: torch.Tensor
+) -> bool:
     """Whether this kernel serves these tensors (else Triton's does); indices: slots,
     lengths or positions, and the first row (int32 or int64)."""
     if not (q.is_cuda and k_cache.dtype == torch.float8_e4m3fn and 1 <= group <= 8):
@@ -412,9 +414,13 @@ def usable(q: torch.Tensor, k_cache: torch.Tensor, group: int, *indices: torch.T
         return False
     if not all(x.dtype in _C_TYPES for x in indices):
         return False
-    # 16-byte row loads: rows start on 16 bytes; q's rows are read element by element.
-    aligned = all(s % 16 == 0 for s in k_cache.stride()[:3]) and k_cache.stride(3) == 1
-    if not (aligned and q.stride(-1) == 1):
+    # 16-byte loads of the cache's rows and stores of out's (8 elements); q's rows are
+    # read element by element.
+    rows = all(s % 16 == 0 for s in k_cache.stride()[:3]) and k_cache.data_ptr() % 16 == 0
+    written = all(s % 8 == 0 for s in out.stride()[:2]) and out.data_ptr() % 16 == 0
+    if not (rows and written and k_cache.stride(3) == 1 and out.stride(2) == 1):
+        return False
+    if q.stride(-1) != 1 or out.shape != q.shape:
         return False
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(device) >= (8, 9) and _compiles(device)

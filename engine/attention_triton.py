@@ -263,7 +263,11 @@ def _launch(
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
     first = based[0] if based else lengths  # (unread without `based`)
-    if scales is not None and rope is None and _cuda_fp8(q, k_cache, group, slots, lengths, first):
+    if (
+        scales is not None
+        and rope is None
+        and _cuda_fp8(q, k_cache, out, group, slots, lengths, first)
+    ):
         from engine.attention_fp8 import decode_attention
 
         decode_attention(q, k_cache, v_cache, scales, slots, lengths, out, based)
@@ -338,12 +342,14 @@ def merge_splits(
     )  # fmt: skip
 
 
-def _cuda_fp8(q: torch.Tensor, k_cache: torch.Tensor, group: int, *indices: torch.Tensor) -> bool:
+def _cuda_fp8(
+    q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor, group: int, *indices: torch.Tensor
+) -> bool:
     """Whether the CUDA kernel of engine/attention_fp8.py reads this float8 cache (the
     split programs; the RoPE-fused variant stays Triton's)."""
     from engine import attention_fp8
 
-    return attention_fp8.ENABLED and attention_fp8.usable(q, k_cache, group, *indices)
+    return attention_fp8.ENABLED and attention_fp8.usable(q, k_cache, out, group, *indices)
 
 
 def triton_decode_attention(
