@@ -17,7 +17,9 @@ for:
   one dimension; 16-byte loads of 4 keys' rows and one `prmt` per 4 pairs arrange them.
 - The per-key factors: the keys' multiply the scores; the values' multiply the weights,
   kept in f16's range by a running reference (the largest value factor so far, rescaled
-  like the running maximum).
+  like the running maximum). A limit of that: a token whose value factor were 10^4
+  times the others' would push their weights into f16's subnormals (bf16 weights, as in
+  Triton's kernel, have no such floor); the tests' factors vary about tenfold.
 
 One warp a (KV head, sequence, split), as many splits as fill the GPU once: at 64
 sequences one, and the kernel writes the output itself (no merge kernel). On an H200,
@@ -30,7 +32,10 @@ over the dequantized cache, Triton's 2.3e-3.
 Query heads per KV head: at most 8 (the products' N); head size 64 or 128; bf16 or fp16
 queries. Needs sm_89+ (the float8 conversion) and NVRTC, which torch's CUDA wheels bring
 (torch.cuda._compile_kernel). Elsewhere, or if it fails to compile, Triton's kernel
-reads the cache (attention_triton._launch asks `usable`).
+reads the cache (attention_triton._launch asks `usable`). Each configuration (head
+size, group, splits, rows variant, dtypes) compiles at first use, in under a second:
+with CUDA graphs that is the warm-up before capture; without them, a batch size that
+needs a new number of splits compiles while serving.
 """
 
 from __future__ import annotations
@@ -384,7 +389,9 @@ def source(dim: int, group: int, nsplit: int, based: bool, bf16: bool, index_typ
 
 
 @functools.cache
-def _kernel(*config: Any) -> Any:
+def _kernel(device_index: int, *config: Any) -> Any:
+    """The kernel for one configuration, loaded on device `device_index` (the current
+    device: _compile_kernel compiles for it and loads into its context)."""
     from torch.cuda import _compile_kernel
 
     return _compile_kernel(source(*config), "fp8_decode_split")
@@ -393,36 +400,50 @@ def _kernel(*config: Any) -> Any:
 @functools.cache
 def _compiles(device_index: int) -> bool:
     """Whether NVRTC builds the kernel for this GPU (once a process): a torch without
-    torch.cuda._compile_kernel, or a missing NVRTC library, leaves it to Triton."""
+    torch.cuda._compile_kernel (or with another signature), or a missing NVRTC library,
+    leaves it to Triton."""
     try:
-        with torch.cuda.device(device_index):
-            _kernel(128, 1, 1, False, True, "long long,long long,long long")
-    except (AttributeError, ImportError, OSError, RuntimeError) as error:
+        _kernel(device_index, 128, 1, 1, False, True, "long long,long long,long long")
+    except (AttributeError, ImportError, OSError, RuntimeError, TypeError) as error:
         log.warning("float8 cache: the CUDA attention kernel is not used (%s)", error)
         return False
     return True
 
 
+def _fits(x: torch.Tensor, rows: int, align: int = 16) -> bool:
+    """Unit stride along the last axis, the others multiples of `rows` elements and
+    below 2**31 (the kernel takes them as int), the base on `align` bytes."""
+    strides = x.stride()
+    return (
+        strides[-1] == 1
+        and all(s % rows == 0 and s < 2**31 for s in strides[:-1])
+        and x.data_ptr() % align == 0
+    )
+
+
 def usable(
-    q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor, group: int, *indices: torch.Tensor
+    q: torch.Tensor,
+    caches: tuple[torch.Tensor, torch.Tensor],
+    out: torch.Tensor,
+    group: int,
+    *indices: torch.Tensor,
 ) -> bool:
-    """Whether this kernel serves these tensors (else Triton's does); indices: slots,
-    lengths or positions, and the first row (int32 or int64)."""
-    if not (q.is_cuda and k_cache.dtype == torch.float8_e4m3fn and 1 <= group <= 8):
+    """Whether this kernel serves these tensors (else Triton's does): float8 caches of
+    head size 64 or 128 whose rows it reads 16 bytes at a time, half-precision q and out
+    (written 8 elements at a time), at most 8 query heads a KV head, int32 or int64
+    indices (slots, lengths or positions, the first row), all on the current device."""
+    k_cache, v_cache = caches
+    if not (q.is_cuda and q.device.index == torch.cuda.current_device() and 1 <= group <= 8):
         return False
-    if k_cache.shape[-1] not in (64, 128) or q.dtype not in (torch.float16, torch.bfloat16):
+    if k_cache.dtype != torch.float8_e4m3fn or k_cache.shape[-1] not in (64, 128):
         return False
-    if not all(x.dtype in _C_TYPES for x in indices):
+    if q.dtype not in (torch.float16, torch.bfloat16) or out.dtype != q.dtype:
         return False
-    # 16-byte loads of the cache's rows and stores of out's (8 elements); q's rows are
-    # read element by element.
-    rows = all(s % 16 == 0 for s in k_cache.stride()[:3]) and k_cache.data_ptr() % 16 == 0
-    written = all(s % 8 == 0 for s in out.stride()[:2]) and out.data_ptr() % 16 == 0
-    if not (rows and written and k_cache.stride(3) == 1 and out.stride(2) == 1):
+    if not all(x.dtype in _C_TYPES for x in indices) or out.shape != q.shape:
         return False
-    if q.stride(-1) != 1 or out.shape != q.shape:
+    if not (_fits(k_cache, 16) and _fits(v_cache, 16) and _fits(out, 8) and _fits(q, 1, 2)):
         return False
-    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    device = q.device.index
     return torch.cuda.get_device_capability(device) >= (8, 9) and _compiles(device)
 
 
@@ -455,6 +476,8 @@ def decode_attention(
     from engine.attention_triton import merge_splits
 
     batch = based[1] if based else lengths.shape[0]
+    if batch == 0:
+        return
     heads, kv_heads, dim = q.shape[1], k_cache.shape[2], k_cache.shape[3]
     nsplit = splits(batch * kv_heads, q.device)
     if nsplit > 1:
@@ -465,7 +488,8 @@ def decode_attention(
     first = based[0] if based else lengths  # (unread without `based`)
     index_types = ",".join(_C_TYPES[x.dtype] for x in (slots, lengths, first))
     bf16 = q.dtype == torch.bfloat16
-    kernel = _kernel(dim, heads // kv_heads, nsplit, based is not None, bf16, index_types)
+    config = (dim, heads // kv_heads, nsplit, based is not None, bf16, index_types)
+    kernel = _kernel(q.device.index, *config)
     k_scale, v_scale = scales
     kernel(
         grid=(kv_heads, batch, nsplit),

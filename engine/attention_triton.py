@@ -266,7 +266,7 @@ def _launch(
     if (
         scales is not None
         and rope is None
-        and _cuda_fp8(q, k_cache, out, group, slots, lengths, first)
+        and _cuda_fp8(q, (k_cache, v_cache), out, group, slots, lengths, first)
     ):
         from engine.attention_fp8 import decode_attention
 
@@ -343,13 +343,17 @@ def merge_splits(
 
 
 def _cuda_fp8(
-    q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor, group: int, *indices: torch.Tensor
+    q: torch.Tensor,
+    caches: tuple[torch.Tensor, torch.Tensor],
+    out: torch.Tensor,
+    group: int,
+    *indices: torch.Tensor,
 ) -> bool:
     """Whether the CUDA kernel of engine/attention_fp8.py reads this float8 cache (the
     split programs; the RoPE-fused variant stays Triton's)."""
     from engine import attention_fp8
 
-    return attention_fp8.ENABLED and attention_fp8.usable(q, k_cache, out, group, *indices)
+    return attention_fp8.ENABLED and attention_fp8.usable(q, caches, out, group, *indices)
 
 
 def triton_decode_attention(

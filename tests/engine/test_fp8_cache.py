@@ -263,14 +263,16 @@ def test_chunk_attention_over_a_float8_cache_matches_the_dequantized_reference()
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "dim", "dtype", "splits"),
+    ("heads", "kv_heads", "dim", "dtype", "splits", "index"),
     [
-        (32, 32, 128, torch.bfloat16, 1),  # LLaMA-7B at 64 chats: no merge kernel
-        (32, 32, 128, torch.bfloat16, 4),
-        (9, 3, 64, torch.bfloat16, 1),  # SmolLM2's 3 query heads a KV head
-        (9, 3, 64, torch.bfloat16, 8),
-        (32, 4, 128, torch.float16, 2),  # 8 a KV head: the most the kernel takes
-        (32, 2, 128, torch.bfloat16, 2),  # 16 a KV head: Triton's kernel instead
+        (32, 32, 128, torch.bfloat16, 1, torch.int64),  # LLaMA-7B at 64 chats: no merge
+        (32, 32, 128, torch.bfloat16, 4, torch.int64),
+        (9, 3, 64, torch.bfloat16, 1, torch.int64),  # SmolLM2's 3 query heads a KV head
+        (9, 3, 64, torch.bfloat16, 8, torch.int64),
+        (32, 4, 128, torch.float16, 2, torch.int64),  # 8 a KV head: the most it takes
+        (32, 2, 128, torch.bfloat16, 2, torch.int64),  # 16 a KV head: Triton's kernel
+        (32, 32, 128, torch.float16, 1, torch.int32),  # fp16 written by the kernel
+        (9, 3, 64, torch.bfloat16, 2, torch.int32),  # a mixed step's int32 indices
     ],
 )
 def test_the_cuda_kernel_reads_a_float8_cache_as_the_reference(
@@ -279,6 +281,7 @@ def test_the_cuda_kernel_reads_a_float8_cache_as_the_reference(
     dim: int,
     dtype: torch.dtype,
     splits: int,
+    index: torch.dtype,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """engine/attention_fp8.py (compiled by NVRTC): the float64 attention over the
@@ -299,11 +302,11 @@ def test_the_cuda_kernel_reads_a_float8_cache_as_the_reference(
 
     monkeypatch.setattr(attention_fp8, "decode_attention", counted)
     torch.manual_seed(7)
-    lengths = torch.tensor([700, 1, 31, 32, 33, 129, 333, 64, 65], device="cuda")
+    lengths = torch.tensor([700, 1, 31, 32, 33, 129, 333, 64, 65], device="cuda", dtype=index)
     batch, slots, tokens = len(lengths), len(lengths) + 2, 740
     k8, v8, ks, vs = random_fp8_cache((slots, tokens, kv_heads, dim))
     q = (torch.randn(batch, heads, dim, device="cuda") * 2).to(dtype)
-    slot_ids = torch.randperm(slots, device="cuda")[:batch]
+    slot_ids = torch.randperm(slots, device="cuda")[:batch].to(index)
     poison_past((k8, v8, ks, vs), slot_ids, lengths)
     ref = reference_attention(
         q.cpu(), dequantize(k8, ks).cpu(), dequantize(v8, vs).cpu(), slot_ids.cpu(), lengths.cpu()
