@@ -71,14 +71,22 @@ def rope_tables(tokens: int, dim: int = 128) -> tuple[torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize(
-    ("dtype", "kv_cache"),
-    [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "fp8")],
+    ("dtype", "kv_cache", "heads"),
+    [
+        (torch.float32, "auto", 8),
+        (torch.bfloat16, "auto", 8),
+        (torch.bfloat16, "fp8", 8),  # head size 32: Triton's float8 kernels
+        (torch.bfloat16, "fp8", 4),  # head size 64: engine/attention_fp8.py's CUDA kernel
+    ],
 )
-def test_graph_engine_greedy_matches_hf_generate(dtype: torch.dtype, kv_cache: str) -> None:
+def test_graph_engine_greedy_matches_hf_generate(
+    dtype: torch.dtype, kv_cache: str, heads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """fp32: HF's greedy tokens exactly. bf16 (and bf16 with the float8 KV cache, which
     takes half the memory): as close to fp32's tokens as HF's own bf16 is."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from engine import attention_fp8
     from engine.chat_format import make_chat_format
     from engine.types import SamplingParams
     from engine.worker import LocalEngine
@@ -88,9 +96,19 @@ def test_graph_engine_greedy_matches_hf_generate(dtype: torch.dtype, kv_cache: s
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
     )  # fmt: skip
     model = LlamaForCausalLM(config).to("cuda", dtype).eval()
+    calls = []  # the CUDA float8 kernel's (in the warm-up before each graph capture too)
+    original = attention_fp8.decode_attention
+
+    def counted(*args: Any) -> None:
+        calls.append(args)
+        original(*args)
+
+    monkeypatch.setattr(attention_fp8, "decode_attention", counted)
+    if heads == 4:  # its decode steps too (at most 4 rows go to the RoPE-fused kernel)
+        monkeypatch.setattr("engine.llama.FUSED_ROPE_ROWS", 0)
     fmt = make_chat_format("alpaca", tokenizer)
     fmt.stop_token_ids = frozenset()
     prompts = [[int(t) for t in torch.randint(100, 40000, (n,))] for n in (5, 40, 300, 17)]
@@ -112,8 +130,9 @@ def test_graph_engine_greedy_matches_hf_generate(dtype: torch.dtype, kv_cache: s
     ours, runner = asyncio.run(run())
     if kv_cache == "fp8":
         assert runner.k_cache.dtype == runner.v_cache.dtype == torch.float8_e4m3fn
-        head_dim = 256 // 8  # each row: head_dim bytes and a 4-byte factor (bf16: 2 a dim)
+        head_dim = 256 // heads  # each row: head_dim bytes and a 4-byte factor (bf16: 2 a dim)
         assert runner.kv_bytes_per_token() == 2 * 2 * 2 * (head_dim + 4)
+    assert bool(calls) == (kv_cache == "fp8" and heads == 4)
     if dtype == torch.float32:
         for prompt, tokens in zip(prompts, ours, strict=True):
             assert tokens == hf_greedy(model, prompt, 24)
