@@ -431,9 +431,12 @@ def usable(
     """Whether this kernel serves these tensors (else Triton's does): float8 caches of
     head size 64 or 128 whose rows it reads 16 bytes at a time, half-precision q and out
     (written 8 elements at a time), at most 8 query heads a KV head, int32 or int64
-    indices (slots, lengths or positions, the first row), all on the current device."""
+    indices (slots, lengths or positions, the first row), all on the current device;
+    not while ENABLED is off."""
     k_cache, v_cache = caches
-    if not (q.is_cuda and q.device.index == torch.cuda.current_device() and 1 <= group <= 8):
+    if not (
+        ENABLED and q.is_cuda and q.device.index == torch.cuda.current_device() and 1 <= group <= 8
+    ):
         return False
     if k_cache.dtype != torch.float8_e4m3fn or k_cache.shape[-1] not in (64, 128):
         return False

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import pdl
+from engine import attention_fp8, pdl
 from engine.attention import Settings
 from engine.fused_triton import NO_FMA, check_cache, fp8_rows, hf_rope
 
@@ -266,11 +266,9 @@ def _launch(
     if (
         scales is not None
         and rope is None
-        and _cuda_fp8(q, (k_cache, v_cache), out, group, slots, lengths, first)
+        and attention_fp8.usable(q, (k_cache, v_cache), out, group, slots, lengths, first)
     ):
-        from engine.attention_fp8 import decode_attention
-
-        decode_attention(q, k_cache, v_cache, scales, slots, lengths, out, based)
+        attention_fp8.decode_attention(q, k_cache, v_cache, scales, slots, lengths, out, based)
         return
     if settings.parts > 0:
         nsplit = settings.parts
@@ -340,20 +338,6 @@ def merge_splits(
         acc, stats, out, first, rows, out.stride(0), out.stride(1), heads,
         D=dim, NSPLIT=nsplit, BASED=based,
     )  # fmt: skip
-
-
-def _cuda_fp8(
-    q: torch.Tensor,
-    caches: tuple[torch.Tensor, torch.Tensor],
-    out: torch.Tensor,
-    group: int,
-    *indices: torch.Tensor,
-) -> bool:
-    """Whether the CUDA kernel of engine/attention_fp8.py reads this float8 cache (the
-    split programs; the RoPE-fused variant stays Triton's)."""
-    from engine import attention_fp8
-
-    return attention_fp8.ENABLED and attention_fp8.usable(q, caches, out, group, *indices)
 
 
 def triton_decode_attention(

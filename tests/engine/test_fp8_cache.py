@@ -54,6 +54,46 @@ def poison_past(
                 cache[slot, length:].view(torch.uint8).fill_(NAN)
 
 
+def count_cuda_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """The calls engine/attention_fp8.py's kernel takes from now on (a list that grows)."""
+    from engine import attention_fp8
+
+    calls: list[tuple[Any, ...]] = []
+    original = attention_fp8.decode_attention
+
+    def counted(*args: Any) -> None:
+        calls.append(args)
+        original(*args)
+
+    monkeypatch.setattr(attention_fp8, "decode_attention", counted)
+    return calls
+
+
+def mixed_step_decode_rows(
+    q: torch.Tensor,
+    caches: tuple[torch.Tensor, ...],
+    slot_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    capacity: int,
+    settings: Any,
+) -> torch.Tensor:
+    """A mixed step's attention output: 3 prompt rows (left at 7.0), then q's rows as
+    its decode rows (positions lengths - 1), the first found on the device."""
+    from engine.attention_triton import triton_decode_rows_attention
+
+    k8, v8, ks, vs = caches
+    heads, dim = q.shape[1:]
+    rows_q = torch.cat([torch.randn(3, heads, dim, device="cuda").to(q.dtype), q])
+    rows_slots = torch.cat([torch.zeros(3, dtype=slot_ids.dtype, device="cuda"), slot_ids])
+    rows_positions = torch.cat([torch.zeros(3, dtype=lengths.dtype, device="cuda"), lengths - 1])
+    out = torch.full_like(rows_q, 7.0)
+    first = torch.tensor([3], dtype=torch.int32, device="cuda")
+    triton_decode_rows_attention(
+        rows_q, k8, v8, rows_slots, rows_positions, first, capacity, out, settings, (ks, vs)
+    )
+    return out
+
+
 # CPU: configuration and the fallback ------------------------------------------------
 def test_kv_cache_setting_takes_auto_or_fp8() -> None:
     assert (
@@ -194,7 +234,7 @@ def test_decode_attention_over_a_float8_cache_matches_the_dequantized_reference(
     """Every batch size's settings, and a mixed step's decode rows, read the float8
     cache as the float64 attention over its dequantized keys and values."""
     from engine.attention import kernel_settings, reference_attention
-    from engine.attention_triton import triton_decode_attention, triton_decode_rows_attention
+    from engine.attention_triton import triton_decode_attention
 
     torch.manual_seed(6)
     dim, slots, tokens = 128, 6, 700
@@ -212,16 +252,8 @@ def test_decode_attention_over_a_float8_cache_matches_the_dequantized_reference(
         )
         error = (out.double().cpu() - ref).norm() / ref.norm()
         assert error < 1e-2, (batch, error)
-    # A mixed step: 3 prompt rows, then the decode rows (positions = lengths - 1).
-    rows_q = torch.cat([torch.randn(3, heads, dim, device="cuda").to(q.dtype), q])
-    rows_slots = torch.cat([torch.zeros(3, dtype=slot_ids.dtype, device="cuda"), slot_ids])
-    rows_positions = torch.cat([torch.zeros(3, dtype=lengths.dtype, device="cuda"), lengths - 1])
-    out = torch.full_like(rows_q, 7.0)
-    first = torch.tensor([3], dtype=torch.int32, device="cuda")
     settings = kernel_settings(8, fp8=True)
-    triton_decode_rows_attention(
-        rows_q, k8, v8, rows_slots, rows_positions, first, 8, out, settings, (ks, vs)
-    )
+    out = mixed_step_decode_rows(q, (k8, v8, ks, vs), slot_ids, lengths, 8, settings)
     assert (out[:3] == 7.0).all()
     error = (out[3:].double().cpu() - ref).norm() / ref.norm()
     assert error < 1e-2, error
@@ -290,17 +322,10 @@ def test_the_cuda_kernel_reads_a_float8_cache_as_the_reference(
     (rows before them untouched); the groups it cannot take go to the Triton kernel."""
     from engine import attention_fp8
     from engine.attention import kernel_settings, reference_attention
-    from engine.attention_triton import triton_decode_attention, triton_decode_rows_attention
+    from engine.attention_triton import triton_decode_attention
 
     monkeypatch.setattr(attention_fp8, "splits", lambda programs, device: splits)
-    calls = []
-    original = attention_fp8.decode_attention
-
-    def counted(*args: Any) -> None:
-        calls.append(args)
-        original(*args)
-
-    monkeypatch.setattr(attention_fp8, "decode_attention", counted)
+    calls = count_cuda_kernel_calls(monkeypatch)
     torch.manual_seed(7)
     lengths = torch.tensor([700, 1, 31, 32, 33, 129, 333, 64, 65], device="cuda", dtype=index)
     batch, slots, tokens = len(lengths), len(lengths) + 2, 740
@@ -315,14 +340,7 @@ def test_the_cuda_kernel_reads_a_float8_cache_as_the_reference(
     out = triton_decode_attention(q, k8, v8, slot_ids, lengths, settings, (ks, vs))
     error = (out.double().cpu() - ref).norm() / ref.norm()
     assert error < 5e-3, error  # the kernel measured 1.7e-3 here, Triton's 2.3e-3
-    rows_q = torch.cat([torch.randn(3, heads, dim, device="cuda").to(dtype), q])
-    rows_slots = torch.cat([slot_ids[:3], slot_ids])
-    rows_positions = torch.cat([lengths[:3] - 1, lengths - 1])
-    out = torch.full_like(rows_q, 7.0)
-    first = torch.tensor([3], dtype=torch.int32, device="cuda")
-    triton_decode_rows_attention(
-        rows_q, k8, v8, rows_slots, rows_positions, first, batch + 4, out, settings, (ks, vs)
-    )
+    out = mixed_step_decode_rows(q, (k8, v8, ks, vs), slot_ids, lengths, batch + 4, settings)
     assert (out[:3] == 7.0).all()
     error = (out[3:].double().cpu() - ref).norm() / ref.norm()
     assert error < 5e-3, error

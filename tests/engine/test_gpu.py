@@ -86,10 +86,10 @@ def test_graph_engine_greedy_matches_hf_generate(
     takes half the memory): as close to fp32's tokens as HF's own bf16 is."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine import attention_fp8
     from engine.chat_format import make_chat_format
     from engine.types import SamplingParams
     from engine.worker import LocalEngine
+    from tests.engine.test_fp8_cache import count_cuda_kernel_calls
 
     torch.backends.cuda.matmul.allow_tf32 = False
     tokenizer = gpu_tokenizer()
@@ -99,14 +99,8 @@ def test_graph_engine_greedy_matches_hf_generate(
         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
     )  # fmt: skip
     model = LlamaForCausalLM(config).to("cuda", dtype).eval()
-    calls = []  # the CUDA float8 kernel's (in the warm-up before each graph capture too)
-    original = attention_fp8.decode_attention
-
-    def counted(*args: Any) -> None:
-        calls.append(args)
-        original(*args)
-
-    monkeypatch.setattr(attention_fp8, "decode_attention", counted)
+    # The CUDA float8 kernel's calls (in the warm-up before each graph capture too).
+    calls = count_cuda_kernel_calls(monkeypatch)
     if heads == 4:  # its decode steps too (at most 4 rows go to the RoPE-fused kernel)
         monkeypatch.setattr("engine.llama.FUSED_ROPE_ROWS", 0)
     fmt = make_chat_format("alpaca", tokenizer)
