@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 KEYS = 32  # keys a warp takes per iteration of its loop (two 16-key products)
 MIN_BLOCKS = 16  # warps an SM holds at least: caps a thread at 128 registers
+MIN_WARP_BLOCKS = 2  # blocks of KEYS keys a warp takes at least
 ENABLED = True  # False: Triton's kernel reads float8 caches too (A/B benchmarks)
 
 _SOURCE = r"""
@@ -255,6 +256,253 @@ __device__ __forceinline__ u32 pack_out(float lo, float hi) {
     return r;
 }
 
+#if NSPLIT == 0
+__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+__device__ __forceinline__ int blocks_of(i64 length) { return (int)((length + KEYS - 1) / KEYS); }
+
+/* The warp that holds block x of the step's blocks, warps p taking
+   [p * total / warps, (p + 1) * total / warps). */
+__device__ __forceinline__ int warp_of(i64 x, int total, int warps) {
+    return (int)(((x + 1) * warps - 1) / total);
+}
+
+__device__ __forceinline__ i64 first_block(int p, int total, int warps) {
+    return (i64)p * total / warps;
+}
+
+/* Decode attention, every KV head's keys shared evenly among its warps: the step's
+   sequences laid end to end in blocks of KEYS keys, warp p of a head takes
+   [p * total / warps, (p + 1) * total / warps). A sequence inside one warp's range is
+   written out by it; one cut between warps leaves a partial (max, sum, weighted values)
+   from each, and the last of them to finish (a ticket) merges them and writes it. */
+extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode(
+    const u16 *Q, const unsigned char *K, const unsigned char *V,
+    const float *KS, const float *VS, const SLOT_T *Slots, const LEN_T *Lens,
+    const FIRST_T *First, int rows, int batch, int min_blocks,
+    float *Acc, float *Stats, int *Tickets,
+    int stride_qb, int stride_qh,
+    int stride_ks, int stride_kt, int stride_kh,
+    int stride_vs, int stride_vt, int stride_vh,
+    int stride_ss, int stride_st, double scale_arg, u16 *Out, int stride_ob, int stride_oh)
+{
+    const int kvh = blockIdx.x, p = blockIdx.y, grid_warps = gridDim.y;
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    const unsigned FULL = 0xffffffffu;
+    /* Batch row pb's index in q, slots, lengths and out, and its number of keys. */
+#if BASED
+#define ROW(pb) ((i64)First[0] + (pb))
+#define ROW_LENGTH(pb) (ROW(pb) < rows ? (i64)Lens[ROW(pb)] + 1 : (i64)0)
+#else
+#define ROW(pb) ((i64)(pb))
+#define ROW_LENGTH(pb) ((i64)Lens[pb])
+#endif
+    /* The segment loop's state, in shared memory (the block is this one warp): held in
+       registers across the key loop it would push the accumulators to local memory. */
+    __shared__ int state[7];
+    volatile int *st = state;
+    enum { POS, SEQ_START, PB, FIRST_SEGMENT, HI, TOTAL, WARPS };
+    {
+        /* Blocks per row, scanned 64 rows at a time (two a lane): the step's total, then
+           the row holding block lo. One pass (one load of the lengths) up to 64 rows. */
+        int total = 0;
+        for (int base = 0; base < batch; base += 64) {
+            const int r0 = base + lane, r1 = r0 + 32;
+            total += __reduce_add_sync(FULL, (r0 < batch ? blocks_of(ROW_LENGTH(r0)) : 0) +
+                                             (r1 < batch ? blocks_of(ROW_LENGTH(r1)) : 0));
+        }
+        /* as many warps as keep min_blocks each (fewer keys: fewer warps, less merging) */
+        const int warps = min(grid_warps, (total + min_blocks - 1) / min_blocks);
+        if (p >= warps) return;
+        const i64 lo = first_block(p, total, warps), hi = first_block(p + 1, total, warps);
+        if (lo >= hi) return;
+        int cum = 0;
+        for (int base = 0; base < batch; base += 32) {
+            const int row = base + lane;
+            const int n = row < batch ? blocks_of(ROW_LENGTH(row)) : 0;
+            int incl = n;
+#pragma unroll
+            for (int d = 1; d < 32; d <<= 1) {
+                const int y = __shfl_up_sync(FULL, incl, d);
+                if (lane >= d) incl += y;
+            }
+            const int chunk = __shfl_sync(FULL, incl, 31);
+            if (cum + chunk > lo) {
+                const int j = __ffs(__ballot_sync(FULL, cum + incl > lo)) - 1;
+                const int seq_start = cum + __shfl_sync(FULL, incl - n, j);
+                if (lane == 0) {
+                    st[POS] = (int)lo; st[SEQ_START] = seq_start; st[PB] = base + j;
+                    st[FIRST_SEGMENT] = 1; st[HI] = (int)hi; st[TOTAL] = total; st[WARPS] = warps;
+                }
+                break;
+            }
+            cum += chunk;
+        }
+        __syncwarp();
+    }
+    const float scale = (float)scale_arg * 1.4426950408889634f;  /* scores in log2 units */
+    while (st[POS] < st[HI]) {
+        {
+            const int pb = st[PB];
+            const i64 length = ROW_LENGTH(pb);
+            const int nb = blocks_of(length);
+            if (nb == 0) {
+                __syncwarp();
+                if (lane == 0) st[PB] = pb + 1;
+                __syncwarp();
+                continue;
+            }
+        }
+        float acc[TILES][4];
+        float m = NEG_INF, l = 0.0f, ref = 0.0f;
+        {
+            const int pb = st[PB], seq_start = st[SEQ_START];
+            const i64 b = ROW(pb), length = ROW_LENGTH(pb);
+            const i64 seq_end = (i64)seq_start + blocks_of(length);
+            const i64 start = (i64)(st[POS] - seq_start) * KEYS;
+            const i64 end = min((min((i64)st[HI], seq_end) - seq_start) * KEYS, length);
+
+            /* The queries: A fragments of the score product, rows = the group's heads.
+               Step j's 16-wide slice is, for this thread, dimensions ROWS*t + 4j .. +3. */
+            u32 qa[STEPS], qb[STEPS];
+            {
+                float q[ROWS];
+                if (g < GROUP) {
+                    const u16 *row = Q + b * stride_qb + (i64)(kvh * GROUP + g) * stride_qh + ROWS * t;
+#pragma unroll
+                    for (int i = 0; i < ROWS; i++) q[i] = half_to_float(row[i]);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < ROWS; i++) q[i] = 0.0f;
+                }
+#pragma unroll
+                for (int j = 0; j < STEPS; j++) {
+                    qa[j] = pack_f16x2(q[4 * j], q[4 * j + 1]);
+                    qb[j] = pack_f16x2(q[4 * j + 2], q[4 * j + 3]);
+                }
+            }
+            /* O^T accumulators: tile i, row g = dimension COLS*g + 2i, row g+8 = +1;
+               columns 2t, 2t+1 = query heads. */
+#pragma unroll
+            for (int i = 0; i < TILES; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+            const i64 slot = Slots[b];
+            const unsigned char *kbase = K + slot * stride_ks + (i64)kvh * stride_kh;
+            const unsigned char *vbase = V + slot * stride_vs + (i64)kvh * stride_vh;
+            const i64 sbase = slot * stride_ss + kvh;
+            const int key0 = 4 * (g >> 1) + (g & 1);
+            for (i64 base = start; base < end; base += KEYS) {
+                Block cur;
+                load_block(cur, base, end, kbase, vbase, KS, VS, sbase, stride_kt, stride_vt,
+                           stride_st, key0, g, t);
+                attend_block(cur, base, end, scale, qa, qb, acc, m, l, ref, t);
+            }
+        }
+        l += __shfl_xor_sync(FULL, l, 1);
+        l += __shfl_xor_sync(FULL, l, 2);
+        /* the segment again, from shared memory */
+        const int pb = st[PB], seq_start = st[SEQ_START], total = st[TOTAL], warps = st[WARPS];
+        const i64 b = ROW(pb);
+        const int nb = blocks_of(ROW_LENGTH(pb));
+        const int seg_lo = st[POS] - seq_start;
+        const int seg_hi = min(st[HI], seq_start + nb) - seq_start;
+        if (seg_lo == 0 && seg_hi == nb) {
+            /* the whole sequence: its normalised output, in the model's dtype */
+            const float l0 = __shfl_sync(FULL, l, 8 * t), l1 = __shfl_sync(FULL, l, 8 * t + 4);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int head = 2 * t + h;
+                if (head < GROUP) {
+                    const float norm = ref / (h ? l1 : l0);
+                    u16 *out = Out + b * stride_ob + (i64)(kvh * GROUP + head) * stride_oh + COLS * g;
+                    u32 words[COLS / 2];
+#pragma unroll
+                    for (int i = 0; i < TILES; i++)
+                        words[i] = pack_out(acc[i][h] * norm, acc[i][2 + h] * norm);
+#pragma unroll
+                    for (int i = 0; i < COLS / 2; i += 4) {
+                        uint4 v;
+                        v.x = words[i]; v.y = words[i + 1]; v.z = words[i + 2]; v.w = words[i + 3];
+                        *reinterpret_cast<uint4 *>(out + 2 * i) = v;
+                    }
+                }
+            }
+        } else {
+            /* a piece: partial (max in log2 units, sum, weighted values) at (this warp,
+               0 for its first segment else 1), then a ticket on the sequence's first warp */
+            const i64 piece = ((i64)kvh * grid_warps + p) * 2 + (st[FIRST_SEGMENT] ? 0 : 1);
+            if (t == 0 && g < GROUP) {
+                Stats[(piece * GROUP + g) * 2] = m;
+                Stats[(piece * GROUP + g) * 2 + 1] = l;
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int head = 2 * t + h;
+                if (head < GROUP) {
+                    float *out = Acc + (piece * GROUP + head) * D + COLS * g;
+#pragma unroll
+                    for (int i = 0; i < TILES; i += 2) {
+                        float4 v;
+                        v.x = acc[i][h] * ref; v.y = acc[i][2 + h] * ref;
+                        v.z = acc[i + 1][h] * ref; v.w = acc[i + 1][2 + h] * ref;
+                        *reinterpret_cast<float4 *>(out + 2 * i) = v;
+                    }
+                }
+            }
+            fence_acq_rel();  /* each lane's partial, before the ticket */
+            __syncwarp();
+            const int p0 = warp_of(seq_start, total, warps);
+            const int p1 = warp_of(seq_start + nb - 1, total, warps);
+            int *ticket = Tickets + (i64)kvh * grid_warps + p0;
+            int taken = 0;
+            if (lane == 0) taken = atomicAdd(ticket, 1);
+            taken = __shfl_sync(FULL, taken, 0);
+            if (taken == p1 - p0) {
+                /* the last piece: merge p0 .. p1 (p0's is its first segment only if the
+                   sequence starts its range) */
+                fence_acq_rel();  /* the other pieces' partials, after the ticket */
+                const int which0 = seq_start == first_block(p0, total, warps) ? 0 : 1;
+                for (int head = 0; head < GROUP; head++) {
+                    float big = NEG_INF;
+                    for (int w = p0; w <= p1; w++) {
+                        const i64 at = ((i64)kvh * grid_warps + w) * 2 + (w == p0 ? which0 : 0);
+                        big = fmaxf(big, __ldcg(Stats + (at * GROUP + head) * 2));
+                    }
+                    float sum = 0.0f, o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    for (int w = p0; w <= p1; w++) {
+                        const i64 at = ((i64)kvh * grid_warps + w) * 2 + (w == p0 ? which0 : 0);
+                        const float f = exp2_approx(__ldcg(Stats + (at * GROUP + head) * 2) - big);
+                        sum += f * __ldcg(Stats + (at * GROUP + head) * 2 + 1);
+                        if (4 * lane < D) {
+                            const float4 a = __ldcg(reinterpret_cast<const float4 *>(
+                                Acc + (at * GROUP + head) * D + 4 * lane));
+                            o[0] += f * a.x; o[1] += f * a.y; o[2] += f * a.z; o[3] += f * a.w;
+                        }
+                    }
+                    if (4 * lane < D) {
+                        const float inv = 1.0f / sum;
+                        uint2 v;
+                        v.x = pack_out(o[0] * inv, o[1] * inv);
+                        v.y = pack_out(o[2] * inv, o[3] * inv);
+                        *reinterpret_cast<uint2 *>(
+                            Out + b * stride_ob + (i64)(kvh * GROUP + head) * stride_oh + 4 * lane) = v;
+                    }
+                }
+                if (lane == 0) *ticket = 0;  /* ready for the next launch */
+            }
+        }
+        __syncwarp();
+        if (lane == 0) {
+            st[POS] = seq_start + seg_hi; st[SEQ_START] = seq_start + nb; st[PB] = pb + 1;
+            st[FIRST_SEGMENT] = 0;
+        }
+        __syncwarp();
+    }
+#undef ROW_LENGTH
+#undef ROW
+}
+#else
+/* One warp a (KV head, sequence, split): with NSPLIT == 1 it writes the output, with
+   more, partials (max, sum, weighted values) for attention_triton's merge kernel. */
 extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode_split(
     const u16 *Q, const unsigned char *K, const unsigned char *V,
     const float *KS, const float *VS, const SLOT_T *Slots, const LEN_T *Lens,
@@ -370,6 +618,7 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode_split(
     }
 #endif
 }
+#endif
 """
 
 
@@ -377,12 +626,13 @@ _C_TYPES = {torch.int32: "int", torch.int64: "long long"}
 
 
 def source(dim: int, group: int, nsplit: int, based: bool, bf16: bool, index_types: str) -> str:
-    """The kernel's source for one configuration (compile-time constants); index_types:
-    the C types of slots, lengths and first, comma-separated."""
+    """The kernel's source for one configuration (compile-time constants): nsplit 0 the
+    balanced kernel (fp8_decode), else the one with that many splits a sequence
+    (fp8_decode_split); index_types: the C types of slots, lengths and first."""
     slot_t, len_t, first_t = index_types.split(",")
     defines = {
         "D": dim, "GROUP": group, "NSPLIT": nsplit, "BASED": int(based), "BF16": int(bf16),
-        "KEYS": KEYS, "MIN_BLOCKS": MIN_BLOCKS,
+        "KEYS": KEYS, "MIN_BLOCKS": MIN_BLOCKS if nsplit else per_sm(dim, group),
         "SLOT_T": slot_t, "LEN_T": len_t, "FIRST_T": first_t,
     }  # fmt: skip
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
@@ -394,7 +644,8 @@ def _kernel(device_index: int, *config: Any) -> Any:
     device: _compile_kernel compiles for it and loads into its context)."""
     from torch.cuda import _compile_kernel
 
-    return _compile_kernel(source(*config), "fp8_decode_split")
+    name = "fp8_decode_split" if config[2] else "fp8_decode"
+    return _compile_kernel(source(*config), name)
 
 
 @functools.cache
@@ -403,7 +654,7 @@ def _compiles(device_index: int) -> bool:
     torch.cuda._compile_kernel (or with another signature), or a missing NVRTC library,
     leaves it to Triton."""
     try:
-        _kernel(device_index, 128, 1, 1, False, True, "long long,long long,long long")
+        _kernel(device_index, 128, 1, 0, False, True, "long long,long long,long long")
     except (AttributeError, ImportError, OSError, RuntimeError, TypeError) as error:
         log.warning("float8 cache: the CUDA attention kernel is not used (%s)", error)
         return False
@@ -450,16 +701,50 @@ def usable(
     return torch.cuda.get_device_capability(device) >= (8, 9) and _compiles(device)
 
 
-def splits(programs: int, device: torch.device) -> int:
-    """How many splits each (sequence, KV head) takes: enough warps to fill the GPU once
-    (MIN_BLOCKS a multiprocessor), a power of two up to 32. On an H200 (32 KV heads,
-    300-600 keys) that is one at batch 64 (70.1 us per layer, against 74.8 for two
-    and 80.6 for four), and 2/4/8 at batches 32/16/8, each the fastest measured."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+def per_sm(dim: int, group: int) -> int:
+    """Warps an SM holds at least in the balanced kernel (its register cap): MIN_BLOCKS,
+    except where a group's accumulators at head size 128 would spill at 128 registers
+    (12: 168 registers)."""
+    return 12 if dim == 128 and group > 1 else MIN_BLOCKS
+
+
+def schedule(batch: int, kv_heads: int, device: torch.device) -> int:
+    """0: the balanced kernel, where one warp a sequence would fill at least a quarter of
+    the GPU's warps (many sequences, whose lengths differ); else the splits a sequence
+    takes, enough warps to fill the GPU once (a power of two up to 32), for few
+    sequences and for groups, where more warps a sequence measured faster
+    (benchmarks/results/notes-2026-11-29-gpu-session11.md)."""
+    slots = torch.cuda.get_device_properties(device).multi_processor_count * MIN_BLOCKS
+    programs = batch * kv_heads
+    if programs * 4 >= slots:
+        return 0
     parts = 1
-    while parts < 32 and programs * parts * 2 <= sms * MIN_BLOCKS:
+    while parts < 32 and programs * parts * 2 <= slots:
         parts *= 2
     return parts
+
+
+def warps(kv_heads: int, dim: int, group: int, device: torch.device) -> int:
+    """Warps a KV head's keys are shared among: as many as fill the GPU once. Each takes
+    at least MIN_WARP_BLOCKS blocks, so a step with few keys uses fewer of them."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, sms * per_sm(dim, group) // kv_heads)
+
+
+@functools.lru_cache(maxsize=16)
+def _workspace(
+    device_index: int, cache: int, kv_heads: int, grid_warps: int, group: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pieces' partials (weighted values; max and sum) and the tickets, for the
+    caches whose storage starts at `cache` (one set a runner: two engines' steps never
+    share one). The tickets start at zero and each merge sets its own back to zero."""
+    pieces = kv_heads * grid_warps * 2 * group
+    device = torch.device("cuda", device_index)
+    return (
+        torch.empty((pieces, dim), dtype=torch.float32, device=device),
+        torch.empty((pieces, 2), dtype=torch.float32, device=device),
+        torch.zeros(kv_heads * grid_warps, dtype=torch.int32, device=device),
+    )
 
 
 def decode_attention(
@@ -472,38 +757,57 @@ def decode_attention(
     out: torch.Tensor,
     based: tuple[torch.Tensor, int] | None,
 ) -> None:
-    """attention_triton._launch's work for a float8 cache: each (KV head, sequence,
-    split) attends over its share of the keys; one split writes `out` itself, several
-    write partials (max, sum, weighted values) that the merge kernel finishes. based:
-    (first, batch) as there (a mixed step's decode rows, found on the device)."""
+    """attention_triton._launch's work for a float8 cache (`schedule` picks the kernel):
+    balanced, each KV head's keys (the step's sequences end to end) shared evenly among
+    `warps` warps, a sequence cut between warps merged by the last of them; or split,
+    each sequence cut in equal splits, merged by attention_triton's merge kernel (none
+    for one split). based: (first, batch) as there (a mixed step's decode rows, found on
+    the device)."""
     from engine.attention_triton import merge_splits
 
     batch = based[1] if based else lengths.shape[0]
     if batch == 0:
         return
     heads, kv_heads, dim = q.shape[1], k_cache.shape[2], k_cache.shape[3]
-    nsplit = splits(batch * kv_heads, q.device)
+    group = heads // kv_heads
+    nsplit = schedule(batch, kv_heads, q.device)
+    first = based[0] if based else lengths  # (unread without `based`)
+    index_types = ",".join(_C_TYPES[x.dtype] for x in (slots, lengths, first))
+    bf16 = q.dtype == torch.bfloat16
+    kernel = _kernel(q.device.index, dim, group, nsplit, based is not None, bf16, index_types)
+    k_scale, v_scale = scales
+    common = [
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_scale.stride(0), k_scale.stride(1), 1.0 / math.sqrt(dim),
+        out, out.stride(0), out.stride(1),
+    ]  # fmt: skip
+    if nsplit == 0:
+        grid_warps = warps(kv_heads, dim, group, q.device)
+        acc, stats, tickets = _workspace(
+            q.device.index, k_cache.untyped_storage().data_ptr(), kv_heads, grid_warps, group, dim
+        )
+        kernel(
+            grid=(kv_heads, grid_warps, 1),
+            block=(32, 1, 1),
+            args=[
+                q, k_cache, v_cache, k_scale, v_scale, slots, lengths, first,
+                q.shape[0], batch, MIN_WARP_BLOCKS, acc, stats, tickets,
+                q.stride(0), q.stride(1), *common,
+            ],
+        )  # fmt: skip
+        return
     if nsplit > 1:
         acc = torch.empty((batch, heads, nsplit, dim), dtype=torch.float32, device=q.device)
         stats = torch.empty((batch, heads, nsplit, 2), dtype=torch.float32, device=q.device)
     else:
         acc = stats = out  # unread
-    first = based[0] if based else lengths  # (unread without `based`)
-    index_types = ",".join(_C_TYPES[x.dtype] for x in (slots, lengths, first))
-    bf16 = q.dtype == torch.bfloat16
-    config = (dim, heads // kv_heads, nsplit, based is not None, bf16, index_types)
-    kernel = _kernel(q.device.index, *config)
-    k_scale, v_scale = scales
     kernel(
         grid=(kv_heads, batch, nsplit),
         block=(32, 1, 1),
         args=[
             q, k_cache, v_cache, k_scale, v_scale, slots, lengths, acc, stats, first,
-            q.shape[0], q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            k_scale.stride(0), k_scale.stride(1), 1.0 / math.sqrt(dim),
-            out, out.stride(0), out.stride(1),
+            q.shape[0], q.stride(0), q.stride(1), *common,
         ],
     )  # fmt: skip
     if nsplit > 1:
