@@ -168,10 +168,11 @@ def pieces(engine: LocalEngine, cuda: bool) -> dict[str, Any]:
         q = torch.randn((64, runner.heads, runner.head_dim), dtype=runner.dtype, device=device)
         slots = torch.arange(min(64, top), device=device)
         q = q[: slots.shape[0]]
+        k_cache, v_cache, scales = runner.k_cache[0], runner.v_cache[0], runner._scales(0)
         for context in (128, 400, 1024):
             lengths = torch.full_like(slots, context)
             ms = time_fn(
-                lambda: decode_attention(q, runner.k_cache[0], runner.v_cache[0], slots, lengths),  # noqa: B023
+                lambda: decode_attention(q, k_cache, v_cache, slots, lengths, scales),  # noqa: B023
                 cuda,
             )
             out[f"attention_b{slots.shape[0]}_ctx{context}_us_per_layer"] = round(1000 * ms, 1)

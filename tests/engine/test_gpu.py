@@ -71,19 +71,25 @@ def rope_tables(tokens: int, dim: int = 128) -> tuple[torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize(
-    ("dtype", "kv_cache", "heads"),
+    ("dtype", "kv_cache", "heads", "balanced"),
     [
-        (torch.float32, "auto", 8),
-        (torch.bfloat16, "auto", 8),
-        (torch.bfloat16, "fp8", 8),  # head size 32: Triton's float8 kernels
-        (torch.bfloat16, "fp8", 4),  # head size 64: engine/attention_fp8.py's CUDA kernel
+        (torch.float32, "auto", 8, False),
+        (torch.bfloat16, "auto", 8, False),
+        (torch.bfloat16, "fp8", 8, False),  # head size 32: Triton's float8 kernels
+        (torch.bfloat16, "fp8", 4, False),  # head size 64: engine/attention_fp8.py's CUDA
+        (torch.bfloat16, "fp8", 4, True),  # kernels: split (few sequences), balanced
     ],
 )
 def test_graph_engine_greedy_matches_hf_generate(
-    dtype: torch.dtype, kv_cache: str, heads: int, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype,
+    kv_cache: str,
+    heads: int,
+    balanced: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """fp32: HF's greedy tokens exactly. bf16 (and bf16 with the float8 KV cache, which
-    takes half the memory): as close to fp32's tokens as HF's own bf16 is."""
+    takes half the memory): as close to fp32's tokens as HF's own bf16 is. balanced: the
+    float8 CUDA kernel's balanced form serves every step (its workspace in the graphs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.chat_format import make_chat_format
@@ -103,6 +109,8 @@ def test_graph_engine_greedy_matches_hf_generate(
     calls = count_cuda_kernel_calls(monkeypatch)
     if heads == 4:  # its decode steps too (at most 4 rows go to the RoPE-fused kernel)
         monkeypatch.setattr("engine.llama.FUSED_ROPE_ROWS", 0)
+    if balanced:  # (four sequences would take the split form)
+        monkeypatch.setattr("engine.attention_fp8.schedule", lambda *_: 0)
     fmt = make_chat_format("alpaca", tokenizer)
     fmt.stop_token_ids = frozenset()
     prompts = [[int(t) for t in torch.randint(100, 40000, (n,))] for n in (5, 40, 300, 17)]
