@@ -258,8 +258,9 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode(
             total += __reduce_add_sync(FULL, (r0 < batch ? blocks_of(ROW_LENGTH(r0)) : 0) +
                                              (r1 < batch ? blocks_of(ROW_LENGTH(r1)) : 0));
         }
-        /* as many warps as keep min_blocks each (fewer keys: fewer warps, less merging) */
-        const int warps = min(grid_warps, (total + min_blocks - 1) / min_blocks);
+        /* at most as many warps as leave min_blocks to each (fewer keys: fewer warps,
+           less merging) */
+        const int warps = min(grid_warps, max(1, total / min_blocks));
         if (p >= warps) return;
         const i64 lo = first_block(p, total, warps), hi = first_block(p + 1, total, warps);
         if (lo >= hi) return;
@@ -395,18 +396,24 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode(
                     }
                 }
             }
-            fence_acq_rel();  /* each lane's partial, before the ticket */
-            __syncwarp();
+            /* The ticket: __syncwarp orders the lanes' partials before lane 0's release
+               (fence, atomic); lane 0's acquire (fence after it) and __syncwarp order the
+               other pieces' partials before any lane's reads. */
             const int p0 = warp_of(seq_start, total, warps);
             const int p1 = warp_of(seq_start + nb - 1, total, warps);
             int *ticket = Tickets + (i64)kvh * grid_warps + p0;
+            __syncwarp();
             int taken = 0;
-            if (lane == 0) taken = atomicAdd(ticket, 1);
+            if (lane == 0) {
+                fence_acq_rel();
+                taken = atomicAdd(ticket, 1);
+                fence_acq_rel();
+            }
             taken = __shfl_sync(FULL, taken, 0);
             if (taken == p1 - p0) {
                 /* the last piece: merge p0 .. p1 (p0's is its first segment only if the
                    sequence starts its range) */
-                fence_acq_rel();  /* the other pieces' partials, after the ticket */
+                __syncwarp();
                 const int which0 = seq_start == first_block(p0, total, warps) ? 0 : 1;
                 for (int head = 0; head < GROUP; head++) {
                     float big = NEG_INF;
