@@ -30,7 +30,7 @@ Two ways of sharing the keys among warps, both one warp a block (`schedule` pick
   in a per-cache workspace, set back to zero by that merge) merges them: no merge
   kernel. With one warp a sequence, the longest sequence sets the time: batch 64 of
   32-560 keys took 56.7 us a layer, against 40.8 for 64 of equal length (the same
-  bytes); balanced, 47.7. 64 chats in engine_bench: 5,626 -> 5,780 tok/s.
+  bytes); balanced, 47.7. 64 chats in engine_bench: 5,626 -> 5,780-5,884 tok/s.
 - Split (few sequences, and groups of query heads): one warp a (KV head, sequence,
   split), as many equal splits as fill the GPU (a power of two up to 32), merged by
   attention_triton's merge kernel (one split writes the output itself). Below a
