@@ -203,6 +203,101 @@ __device__ __forceinline__ u32 pack_out(float lo, float hi) {
     return r;
 }
 
+/* Row b's queries of KV head kvh's group: A fragments of the score product, rows = the
+   group's heads. Step j's 16-wide slice is, for this thread, dimensions ROWS*t + 4j .. +3. */
+__device__ __forceinline__ void load_queries(
+    const u16 *Q, i64 b, int kvh, int stride_qb, int stride_qh, int g, int t, u32 *qa, u32 *qb)
+{
+    float q[ROWS];
+    if (g < GROUP) {
+        const u16 *row = Q + b * stride_qb + (i64)(kvh * GROUP + g) * stride_qh + ROWS * t;
+#pragma unroll
+        for (int i = 0; i < ROWS; i++) q[i] = half_to_float(row[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < ROWS; i++) q[i] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < STEPS; j++) {
+        qa[j] = pack_f16x2(q[4 * j], q[4 * j + 1]);
+        qb[j] = pack_f16x2(q[4 * j + 2], q[4 * j + 3]);
+    }
+}
+
+/* Keys start .. end - 1 of KV head kvh in `slot`: the online softmax into acc (O^T
+   accumulators: tile i, row g = dimension COLS*g + 2i, row g+8 = +1; columns 2t, 2t+1 =
+   query heads), m, l (this thread's share) and ref, which the caller starts at zero (m
+   at -inf). */
+__device__ __forceinline__ void attend_keys(
+    const unsigned char *K, const unsigned char *V, const float *KS, const float *VS,
+    i64 slot, int kvh, int stride_ks, int stride_kt, int stride_kh, int stride_vs,
+    int stride_vt, int stride_vh, int stride_ss, int stride_st, i64 start, i64 end,
+    float scale, const u32 *qa, const u32 *qb, float (*acc)[4], float &m, float &l,
+    float &ref, int g, int t)
+{
+    const unsigned char *kbase = K + slot * stride_ks + (i64)kvh * stride_kh;
+    const unsigned char *vbase = V + slot * stride_vs + (i64)kvh * stride_vh;
+    const i64 sbase = slot * stride_ss + kvh;
+    const int key0 = 4 * (g >> 1) + (g & 1);
+    for (i64 base = start; base < end; base += KEYS) {
+        Block cur;
+        load_block(cur, base, end, kbase, vbase, KS, VS, sbase, stride_kt, stride_vt, stride_st,
+                   key0, g, t);
+        attend_block(cur, base, end, scale, qa, qb, acc, m, l, ref, t);
+    }
+}
+
+/* Row b's normalised output for KV head kvh's group, in the model's dtype; l is the full
+   sum (quad-reduced). */
+__device__ __forceinline__ void write_output(
+    u16 *Out, i64 b, int kvh, int stride_ob, int stride_oh, float (*acc)[4], float l, float ref,
+    int g, int t)
+{
+    const float l0 = __shfl_sync(0xffffffff, l, 8 * t), l1 = __shfl_sync(0xffffffff, l, 8 * t + 4);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int head = 2 * t + h;
+        if (head < GROUP) {
+            const float norm = ref / (h ? l1 : l0);
+            u16 *out = Out + b * stride_ob + (i64)(kvh * GROUP + head) * stride_oh + COLS * g;
+            u32 words[COLS / 2];
+#pragma unroll
+            for (int i = 0; i < TILES; i++) words[i] = pack_out(acc[i][h] * norm, acc[i][2 + h] * norm);
+#pragma unroll
+            for (int i = 0; i < COLS / 2; i += 4) {
+                uint4 v; v.x = words[i]; v.y = words[i + 1]; v.z = words[i + 2]; v.w = words[i + 3];
+                *reinterpret_cast<uint4 *>(out + 2 * i) = v;
+            }
+        }
+    }
+}
+
+/* A partial for a merge: head h's row is row0 + h * step of Stats (max, sum) and Acc
+   (the weighted values, times ref). */
+__device__ __forceinline__ void write_partial(
+    float *Acc, float *Stats, i64 row0, int step, float m, float l, float (*acc)[4],
+    float ref, int g, int t)
+{
+    if (t == 0 && g < GROUP) {
+        Stats[(row0 + g * step) * 2] = m;
+        Stats[(row0 + g * step) * 2 + 1] = l;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int head = 2 * t + h;
+        if (head < GROUP) {
+            float *out = Acc + (row0 + head * step) * D + COLS * g;
+#pragma unroll
+            for (int i = 0; i < TILES; i += 2) {
+                float4 v;
+                v.x = acc[i][h] * ref; v.y = acc[i][2 + h] * ref;
+                v.z = acc[i + 1][h] * ref; v.w = acc[i + 1][2 + h] * ref;
+                *reinterpret_cast<float4 *>(out + 2 * i) = v;
+            }
+        }
+    }
+}
+
 #if NSPLIT == 0
 __device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
@@ -309,41 +404,13 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode(
             const i64 seq_end = (i64)seq_start + blocks_of(length);
             const i64 start = (i64)(st[POS] - seq_start) * KEYS;
             const i64 end = min((min((i64)st[HI], seq_end) - seq_start) * KEYS, length);
-
-            /* The queries: A fragments of the score product, rows = the group's heads.
-               Step j's 16-wide slice is, for this thread, dimensions ROWS*t + 4j .. +3. */
             u32 qa[STEPS], qb[STEPS];
-            {
-                float q[ROWS];
-                if (g < GROUP) {
-                    const u16 *row = Q + b * stride_qb + (i64)(kvh * GROUP + g) * stride_qh + ROWS * t;
-#pragma unroll
-                    for (int i = 0; i < ROWS; i++) q[i] = half_to_float(row[i]);
-                } else {
-#pragma unroll
-                    for (int i = 0; i < ROWS; i++) q[i] = 0.0f;
-                }
-#pragma unroll
-                for (int j = 0; j < STEPS; j++) {
-                    qa[j] = pack_f16x2(q[4 * j], q[4 * j + 1]);
-                    qb[j] = pack_f16x2(q[4 * j + 2], q[4 * j + 3]);
-                }
-            }
-            /* O^T accumulators: tile i, row g = dimension COLS*g + 2i, row g+8 = +1;
-               columns 2t, 2t+1 = query heads. */
+            load_queries(Q, b, kvh, stride_qb, stride_qh, g, t, qa, qb);
 #pragma unroll
             for (int i = 0; i < TILES; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-            const i64 slot = Slots[b];
-            const unsigned char *kbase = K + slot * stride_ks + (i64)kvh * stride_kh;
-            const unsigned char *vbase = V + slot * stride_vs + (i64)kvh * stride_vh;
-            const i64 sbase = slot * stride_ss + kvh;
-            const int key0 = 4 * (g >> 1) + (g & 1);
-            for (i64 base = start; base < end; base += KEYS) {
-                Block cur;
-                load_block(cur, base, end, kbase, vbase, KS, VS, sbase, stride_kt, stride_vt,
-                           stride_st, key0, g, t);
-                attend_block(cur, base, end, scale, qa, qb, acc, m, l, ref, t);
-            }
+            attend_keys(K, V, KS, VS, Slots[b], kvh, stride_ks, stride_kt, stride_kh, stride_vs,
+                        stride_vt, stride_vh, stride_ss, stride_st, start, end, scale, qa, qb,
+                        acc, m, l, ref, g, t);
         }
         l += __shfl_xor_sync(FULL, l, 1);
         l += __shfl_xor_sync(FULL, l, 2);
@@ -354,48 +421,12 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode(
         const int seg_lo = st[POS] - seq_start;
         const int seg_hi = min(st[HI], seq_start + nb) - seq_start;
         if (seg_lo == 0 && seg_hi == nb) {
-            /* the whole sequence: its normalised output, in the model's dtype */
-            const float l0 = __shfl_sync(FULL, l, 8 * t), l1 = __shfl_sync(FULL, l, 8 * t + 4);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int head = 2 * t + h;
-                if (head < GROUP) {
-                    const float norm = ref / (h ? l1 : l0);
-                    u16 *out = Out + b * stride_ob + (i64)(kvh * GROUP + head) * stride_oh + COLS * g;
-                    u32 words[COLS / 2];
-#pragma unroll
-                    for (int i = 0; i < TILES; i++)
-                        words[i] = pack_out(acc[i][h] * norm, acc[i][2 + h] * norm);
-#pragma unroll
-                    for (int i = 0; i < COLS / 2; i += 4) {
-                        uint4 v;
-                        v.x = words[i]; v.y = words[i + 1]; v.z = words[i + 2]; v.w = words[i + 3];
-                        *reinterpret_cast<uint4 *>(out + 2 * i) = v;
-                    }
-                }
-            }
+            write_output(Out, b, kvh, stride_ob, stride_oh, acc, l, ref, g, t);
         } else {
             /* a piece: partial (max in log2 units, sum, weighted values) at (this warp,
                0 for its first segment else 1), then a ticket on the sequence's first warp */
             const i64 piece = ((i64)kvh * grid_warps + p) * 2 + (st[FIRST_SEGMENT] ? 0 : 1);
-            if (t == 0 && g < GROUP) {
-                Stats[(piece * GROUP + g) * 2] = m;
-                Stats[(piece * GROUP + g) * 2 + 1] = l;
-            }
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int head = 2 * t + h;
-                if (head < GROUP) {
-                    float *out = Acc + (piece * GROUP + head) * D + COLS * g;
-#pragma unroll
-                    for (int i = 0; i < TILES; i += 2) {
-                        float4 v;
-                        v.x = acc[i][h] * ref; v.y = acc[i][2 + h] * ref;
-                        v.z = acc[i + 1][h] * ref; v.w = acc[i + 1][2 + h] * ref;
-                        *reinterpret_cast<float4 *>(out + 2 * i) = v;
-                    }
-                }
-            }
+            write_partial(Acc, Stats, piece * GROUP, 1, m, l, acc, ref, g, t);
             /* The ticket: __syncwarp orders the lanes' partials before lane 0's release
                (fence, atomic); lane 0's acquire (fence after it) and __syncwarp order the
                other pieces' partials before any lane's reads. */
@@ -492,84 +523,22 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode_split(
     const i64 end = min(start + span, length);
     const float scale = (float)scale_arg * 1.4426950408889634f;  /* scores in log2 units */
 
-    /* The queries: A fragments of the score product, rows = the group's heads. Step j's
-       16-wide slice is, for this thread, dimensions ROWS*t + 4j .. +3. */
     u32 qa[STEPS], qb[STEPS];
-    {
-        float q[ROWS];
-        if (g < GROUP) {
-            const u16 *row = Q + b * stride_qb + (i64)(kvh * GROUP + g) * stride_qh + ROWS * t;
-#pragma unroll
-            for (int i = 0; i < ROWS; i++) q[i] = half_to_float(row[i]);
-        } else {
-#pragma unroll
-            for (int i = 0; i < ROWS; i++) q[i] = 0.0f;
-        }
-#pragma unroll
-        for (int j = 0; j < STEPS; j++) {
-            qa[j] = pack_f16x2(q[4 * j], q[4 * j + 1]);
-            qb[j] = pack_f16x2(q[4 * j + 2], q[4 * j + 3]);
-        }
-    }
-
-    /* O^T accumulators: tile i, row g = dimension COLS*g + 2i, row g+8 = +1; columns
-       2t, 2t+1 = query heads. */
+    load_queries(Q, b, kvh, stride_qb, stride_qh, g, t, qa, qb);
     float acc[TILES][4];
 #pragma unroll
     for (int i = 0; i < TILES; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     float m = NEG_INF, l = 0.0f, ref = 0.0f;
-
-    const unsigned char *kbase = K + slot * stride_ks + (i64)kvh * stride_kh;
-    const unsigned char *vbase = V + slot * stride_vs + (i64)kvh * stride_vh;
-    const i64 sbase = slot * stride_ss + kvh;
-    const int key0 = 4 * (g >> 1) + (g & 1);
-
-    for (i64 base = start; base < end; base += KEYS) {
-        Block cur;
-        load_block(cur, base, end, kbase, vbase, KS, VS, sbase, stride_kt, stride_vt, stride_st,
-                   key0, g, t);
-        attend_block(cur, base, end, scale, qa, qb, acc, m, l, ref, t);
-    }
+    attend_keys(K, V, KS, VS, slot, kvh, stride_ks, stride_kt, stride_kh, stride_vs, stride_vt,
+                stride_vh, stride_ss, stride_st, start, end, scale, qa, qb, acc, m, l, ref, g, t);
     l += __shfl_xor_sync(0xffffffff, l, 1);
     l += __shfl_xor_sync(0xffffffff, l, 2);
 #if NSPLIT == 1
-    /* One split: the normalised output, in the model's dtype (no merge kernel). */
-    const float l0 = __shfl_sync(0xffffffff, l, 8 * t), l1 = __shfl_sync(0xffffffff, l, 8 * t + 4);
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int head = 2 * t + h;
-        if (head < GROUP) {
-            const float norm = ref / (h ? l1 : l0);
-            u16 *out = Out + b * stride_ob + (i64)(kvh * GROUP + head) * stride_oh + COLS * g;
-            u32 words[COLS / 2];
-#pragma unroll
-            for (int i = 0; i < TILES; i++) words[i] = pack_out(acc[i][h] * norm, acc[i][2 + h] * norm);
-#pragma unroll
-            for (int i = 0; i < COLS / 2; i += 4) {
-                uint4 v; v.x = words[i]; v.y = words[i + 1]; v.z = words[i + 2]; v.w = words[i + 3];
-                *reinterpret_cast<uint4 *>(out + 2 * i) = v;
-            }
-        }
-    }
+    /* One split: the normalised output (no merge kernel). */
+    write_output(Out, b, kvh, stride_ob, stride_oh, acc, l, ref, g, t);
 #else
-    if (t == 0 && g < GROUP) {
-        Stats[(first_row + g * NSPLIT) * 2] = m * 0.6931471805599453f;  /* natural log */
-        Stats[(first_row + g * NSPLIT) * 2 + 1] = l;
-    }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int head = 2 * t + h;
-        if (head < GROUP) {
-            float *out = Acc + (first_row + head * NSPLIT) * D + COLS * g;
-#pragma unroll
-            for (int i = 0; i < TILES; i += 2) {
-                float4 v;
-                v.x = acc[i][h] * ref; v.y = acc[i][2 + h] * ref;
-                v.z = acc[i + 1][h] * ref; v.w = acc[i + 1][2 + h] * ref;
-                *reinterpret_cast<float4 *>(out + 2 * i) = v;
-            }
-        }
-    }
+    /* the max as a natural log, as attention_triton's merge kernel takes it */
+    write_partial(Acc, Stats, first_row, NSPLIT, m * 0.6931471805599453f, l, acc, ref, g, t);
 #endif
 }
 #endif
