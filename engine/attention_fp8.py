@@ -72,7 +72,11 @@ MIN_BLOCKS = 16  # warps an SM holds at least: caps a thread at 128 registers
 MIN_WARP_BLOCKS = 2  # blocks of KEYS keys a warp takes at least
 ENABLED = True  # False: Triton's kernel reads float8 caches too (A/B benchmarks)
 
-_SOURCE_FILE = Path(__file__).with_name("attention_fp8.cu")
+
+@functools.cache
+def _cuda_source() -> str:
+    """The kernels' CUDA source (package data beside this module), read once."""
+    return Path(__file__).with_name("attention_fp8.cu").read_text()
 
 
 _C_TYPES = {torch.int32: "int", torch.int64: "long long"}
@@ -88,7 +92,7 @@ def source(dim: int, group: int, nsplit: int, based: bool, bf16: bool, index_typ
         "KEYS": KEYS, "MIN_BLOCKS": MIN_BLOCKS if nsplit else per_sm(dim, group),
         "SLOT_T": slot_t, "LEN_T": len_t, "FIRST_T": first_t,
     }  # fmt: skip
-    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE_FILE.read_text()
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _cuda_source()
 
 
 @functools.cache
