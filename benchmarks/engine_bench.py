@@ -292,6 +292,10 @@ def main() -> None:
     figures["prefill_chunk"] = args.prefill_chunk
     scheduler = engine._scheduler
     figures["kv_cache"] = "fp8" if scheduler is not None and scheduler.runner.kv_fp8 else "auto"
+    if scheduler is not None:  # what engine start chose for the decode products
+        linear = scheduler.runner.decode_linear
+        figures["calibration_s"] = getattr(linear, "seconds", None)
+        figures["cublaslt_picks"] = [str(d) for d in getattr(linear, "lt_decisions", [])]
     figures.update(asyncio.run(engine_runs(engine, requests, rng, args.conversations)))
     figures.update(asyncio.run(greedy_agreement(engine, requests[:4], references)))
     engine.close()

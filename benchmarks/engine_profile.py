@@ -228,6 +228,8 @@ def pieces(engine: LocalEngine, cuda: bool) -> dict[str, Any]:
             out[f"decode_b1_ctx128_{label}_ms"] = round(ms, 4)
         runner.decode_linear.plans = plans
     out["skinny_gemm_decisions"] = [str(d) for d in getattr(runner.decode_linear, "decisions", [])]
+    lt = getattr(runner.decode_linear, "lt_decisions", [])
+    out["cublaslt_picks"] = [str(d) for d in lt]
     out["weights_gb"] = round(weights / 1e9, 3)
     out["kv_mb_per_token"] = round(kv / 1e6, 3)
     return out

@@ -38,6 +38,28 @@ def torch_linear(
     return bias.addmm_(x, w.T) if into_bias else torch.addmm(bias, x, w.T)
 
 
+def apply_prologue(x: torch.Tensor, prologue: Prologue) -> torch.Tensor:
+    """The rows as the product takes them: the prologue as its own kernel on CUDA,
+    plain PyTorch elsewhere."""
+    if prologue.norm is not None:
+        if x.is_cuda:
+            from engine.fused_triton import rmsnorm
+
+            return rmsnorm(x, prologue.norm, prologue.eps)
+        # Same arithmetic as transformers' LlamaRMSNorm (fp32 statistics).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + prologue.eps)
+        return prologue.norm * h.to(x.dtype)
+    if prologue.glu:
+        if x.is_cuda:
+            from engine.fused_triton import silu_mul
+
+            return silu_mul(x)
+        gate, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    return x
+
+
 def unfused(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -47,25 +69,7 @@ def unfused(
 ) -> torch.Tensor:
     """The prologue as its own kernel, then cuBLAS (what the fused kernel must beat);
     plain PyTorch off CUDA."""
-    if prologue.norm is not None:
-        if x.is_cuda:
-            from engine.fused_triton import rmsnorm
-
-            x = rmsnorm(x, prologue.norm, prologue.eps)
-        else:
-            # Same arithmetic as transformers' LlamaRMSNorm (fp32 statistics).
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + prologue.eps)
-            x = prologue.norm * h.to(x.dtype)
-    elif prologue.glu:
-        if x.is_cuda:
-            from engine.fused_triton import silu_mul
-
-            x = silu_mul(x)
-        else:
-            gate, up = x.chunk(2, dim=-1)
-            x = torch.nn.functional.silu(gate) * up
-    return torch_linear(x, w, bias, into_bias)
+    return torch_linear(apply_prologue(x, prologue), w, bias, into_bias)
 
 
 # x (M, K), w (N, K), bias (M, N) or None, prologue -> prologue(x) @ w.T (+ bias). An

@@ -2,7 +2,9 @@
 engine start: for every weight shape, row bucket and prologue, cuBLAS (the prologue as
 its own kernel) and each candidate tile are timed inside CUDA graphs, rotating over the
 real layers' weights so L2 holds what it would hold in a decode step; Triton keeps a
-product only where it wins by WIN_MARGIN.
+product only where it wins by WIN_MARGIN. Where torch keeps it, at the decode graphs'
+row counts from LT_ROWS_FROM, cuBLASLt's other heuristic picks (engine/cublaslt.py) are
+timed against torch's own, and one that wins by LT_MARGIN serves those rows.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from engine.decode_graphs import CAPTURE_LOCK
-from engine.linear import Prologue, unfused
+from engine import cublaslt
+from engine.decode_graphs import BUCKETS, CAPTURE_LOCK
+from engine.linear import Prologue, torch_linear, unfused
 from engine.skinny_gemm import (
     ROW_BUCKETS,
     Kernel,
     Key,
+    LtKey,
     SkinnyGemm,
     Tile,
     column_tiles,
@@ -34,6 +38,8 @@ from engine.skinny_gemm import (
 log = logging.getLogger(__name__)
 
 WIN_MARGIN = 0.97  # Triton must be 3% faster: a near tie stays with cuBLAS
+LT_MARGIN = 0.99  # another cuBLASLt pick must be 1% faster than torch's
+LT_ROWS_FROM = 16  # fewer rows: Triton serves most products, cuBLASLt's picks tie
 
 # (N, K, warps, stages). The deep-pipelined two won at 32 rows on an H200 (o: 16.3 us in
 # cuBLAS, 12.6 here; gate_up 52.4 -> 50.1; lm_head 71.4 -> 66.6). Some deep tiles do not
@@ -214,12 +220,74 @@ class Group:
     kind: str = ""
 
 
+@dataclass(frozen=True)
+class LtDecision:
+    key: LtKey
+    torch_us: float
+    algo: int  # which of the Matmul's heuristic picks measured fastest (-1: none ran)
+    us: float
+
+    @property
+    def wins(self) -> bool:
+        return self.algo >= 0 and self.us < LT_MARGIN * self.torch_us
+
+    def __str__(self) -> str:
+        n, k, with_bias, rows, kind = self.key
+        return (
+            f"({n}, {k}){' +bias' if with_bias else ''}{' ' + kind if kind else ''}"
+            f" M={rows}: torch {self.torch_us:.1f} us, cuBLASLt pick {self.algo} "
+            f"{self.us:.1f} us -> {'cuBLASLt' if self.wins else 'torch'}"
+        )
+
+
+def lt_search(
+    weights: Sequence[torch.Tensor],
+    rows: int,
+    with_bias: bool,
+    stream: torch.cuda.Stream,
+    into_bias: bool = False,
+) -> tuple[cublaslt.Matmul, float, int, float]:
+    """(the Matmul, torch's microseconds, the fastest other pick, its microseconds) for
+    the product without its prologue (both run it as its own kernel); picks that fail
+    or compute another result (relative error >= 1e-2) are left out."""
+    w0 = weights[0]
+    n, k = w0.shape
+    gen = torch.Generator(device=w0.device).manual_seed(rows)
+    x = torch.randn((rows, k), generator=gen, device=w0.device).to(w0.dtype)
+    b = torch.randn((rows, n), generator=gen, device=w0.device).to(w0.dtype) if with_bias else None
+    turns = rotation(weights)
+    expected = torch_linear(x, w0, b).float()
+    scratch = None if b is None else b.clone()
+    torch_us = time_graph(lambda w: torch_linear(x, w, scratch, into_bias), turns, stream)
+    matmul = cublaslt.Matmul(rows, n, k, w0.dtype, with_bias, w0.device)
+    best, best_us = -1, float("inf")
+    for algo in range(len(matmul.algos)):
+        try:
+            out = torch.empty((rows, n), dtype=w0.dtype, device=w0.device)
+            got = matmul(algo, x, w0, b, out).float()
+            error = ((got - expected).norm() / expected.norm()).item()
+            if not error < 1e-2:
+                log.warning("cuBLASLt pick %d on (%d, %d): error %.2g, left out", algo, n, k, error)
+                continue
+            # In place where the engine adds into the residual (C and D one tensor).
+            target = scratch if into_bias and scratch is not None else out
+            us = time_graph(lambda w: matmul(algo, x, w, scratch, target), turns, stream)  # noqa: B023
+        except RuntimeError as exc:
+            log.warning("cuBLASLt pick %d on (%d, %d) failed: %s", algo, n, k, exc)
+            continue
+        if us < best_us:
+            best, best_us = algo, us
+    return matmul, torch_us, best, best_us
+
+
 def measure(
     group: Group, top: int, done: Iterable[Key], into_bias: bool = False
-) -> dict[Key, Decision]:
-    """The decision for each row bucket up to `top` of this product (not in done)."""
+) -> tuple[dict[Key, Decision], dict[LtKey, tuple[LtDecision, cublaslt.Matmul]]]:
+    """The decision for each row bucket up to `top` of this product (not in done), and
+    where torch keeps it, cuBLASLt's best pick at each decode graph's row count."""
     w0 = group.weights[0]
     decisions = {}
+    picks: dict[LtKey, tuple[LtDecision, cublaslt.Matmul]] = {}
     with torch.no_grad(), torch.cuda.device(w0.device):
         stream = torch.cuda.Stream(w0.device)
         for bucket in (b for b in ROW_BUCKETS if b <= top):
@@ -230,7 +298,31 @@ def measure(
                 )
                 best = min(trials[1:], key=lambda t: t.us, default=None)
                 decisions[key] = Decision(key, trials[0].us, best)
-    return decisions
+        if not cublaslt.available(w0.device):
+            return decisions, picks
+        for rows in (r for r in BUCKETS if LT_ROWS_FROM <= r <= top):
+            bucket_key = (
+                w0.shape[0],
+                w0.shape[1],
+                group.with_bias,
+                row_bucket(rows) or 0,
+                group.kind,
+            )
+            if bucket_key in done or decisions[bucket_key].triton:
+                continue  # measured with an earlier group, or Triton serves these rows
+            try:
+                matmul, torch_us, algo, us = lt_search(
+                    group.weights, rows, group.with_bias, stream, into_bias
+                )
+            # Never a reason not to start: torch serves what could not be measured.
+            except (OSError, RuntimeError) as exc:
+                log.warning(
+                    "cuBLASLt picks for %s at %d rows not measured: %s", w0.shape, rows, exc
+                )
+                continue
+            key = (w0.shape[0], w0.shape[1], group.with_bias, rows, group.kind)
+            picks[key] = (LtDecision(key, torch_us, algo, us), matmul)
+    return decisions, picks
 
 
 def calibrate(groups: Sequence[Group], max_rows: int, into_bias: bool = False) -> SkinnyGemm:
@@ -240,6 +332,7 @@ def calibrate(groups: Sequence[Group], max_rows: int, into_bias: bool = False) -
     top = row_bucket(min(max_rows, ROW_BUCKETS[-1])) or ROW_BUCKETS[-1]
     started = time.perf_counter()
     decisions: dict[Key, Decision] = {}
+    picks: dict[LtKey, tuple[LtDecision, cublaslt.Matmul]] = {}
     device = None  # a model's decode weights live on one GPU; others' products go to torch
     for group in groups:
         w0 = group.weights[0]
@@ -250,7 +343,9 @@ def calibrate(groups: Sequence[Group], max_rows: int, into_bias: bool = False) -
         if w0.device != device:
             continue
         try:
-            decisions |= measure(group, top, decisions.keys(), into_bias)
+            measured, lt_measured = measure(group, top, decisions.keys(), into_bias)
+            decisions |= measured
+            picks |= lt_measured
         # Measuring must never stop the engine from starting: what it could not measure,
         # torch serves. (A failing Triton candidate alone is handled inside `search`.)
         except Exception as exc:  # noqa: BLE001
@@ -260,11 +355,17 @@ def calibrate(groups: Sequence[Group], max_rows: int, into_bias: bool = False) -
         for key, d in decisions.items()
         if d.triton and d.best is not None and d.best.kernel is not None
     }
+    lt = {key: (matmul, d.algo) for key, (d, matmul) in picks.items() if d.wins}
     seconds = time.perf_counter() - started
     if decisions:
         log.info(
-            "skinny gemm: Triton for %d of %d (weight, batch) products, measured in %.1f s",
-            len(plans), len(decisions), seconds,
+            "skinny gemm: Triton for %d of %d (weight, batch) products, another cuBLASLt"
+            " pick for %d of %d, measured in %.1f s",
+            len(plans), len(decisions), len(lt), len(picks), seconds,
         )  # fmt: skip
         log.debug("skinny gemm decisions:\n  %s", "\n  ".join(map(str, decisions.values())))
-    return SkinnyGemm(plans, list(decisions.values()), seconds, device, into_bias)
+        log.debug("cuBLASLt picks:\n  %s", "\n  ".join(str(d) for d, _ in picks.values()))
+    return SkinnyGemm(
+        plans, list(decisions.values()), seconds, device, into_bias, lt,
+        [d for d, _ in picks.values()],
+    )  # fmt: skip

@@ -9,9 +9,10 @@ walks K in wide, unmasked, vectorised tiles; rows past M and columns past N re-r
 last valid row instead of masking the loads.
 
 Whether it beats cuBLAS depends on the GPU, the shape and the row count, so
-engine/skinny_calibrate.py times both at engine start, and `SkinnyGemm` sends each call
-to the winner. Anything not measured (the CPU, other dtypes, more than 64 rows, a kernel
-that failed or lost) goes to torch.
+engine/skinny_calibrate.py times both at engine start (and cuBLASLt's other heuristic
+picks, engine/cublaslt.py), and `SkinnyGemm` sends each call to the winner. Anything
+not measured (the CPU, other dtypes, more than 64 rows, a kernel that failed or lost)
+goes to torch.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import triton
 import triton.language as tl
 
 from engine import pdl
-from engine.linear import Prologue, unfused
+from engine.linear import Prologue, apply_prologue, torch_linear, unfused
 
 if TYPE_CHECKING:
-    from engine.skinny_calibrate import Decision
+    from engine.cublaslt import Matmul
+    from engine.skinny_calibrate import Decision, LtDecision
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -285,16 +287,20 @@ def row_bucket(rows: int) -> int | None:
 
 
 Key = tuple[int, int, bool, int, str]  # (N, K, with bias, row bucket, prologue kind)
+# cuBLASLt's picks are per row count: (N, K, with bias, rows, prologue kind)
+LtKey = tuple[int, int, bool, int, str]
 
 
 class SkinnyGemm:
     """x @ w.T (+ bias), after an optional prologue, through the kernel measured fastest
-    for this shape, row bucket and prologue; torch (the prologue as its own kernel) for
-    everything else. Safe inside CUDA-graph capture (no host sync).
+    for this shape, row bucket and prologue; else, where one was measured faster than
+    torch's own for these exact rows, another cuBLASLt algorithm (the prologue as its own
+    kernel); torch for everything else. Safe inside CUDA-graph capture (no host sync).
 
     The plans run on `device`, where the split-K kernels' counters live: allocated once
     here, zero between calls, shared by every call (and every captured graph), which is
     safe as long as the calls run on one stream, one after another, as decode steps do.
+    The cuBLASLt picks share a workspace on the same terms.
     """
 
     def __init__(
@@ -304,8 +310,12 @@ class SkinnyGemm:
         seconds: float = 0.0,
         device: torch.device | None = None,
         into_bias: bool = False,
+        lt: dict[LtKey, tuple[Matmul, int]] | None = None,
+        lt_decisions: Sequence[LtDecision] = (),
     ) -> None:
         self.plans = plans
+        self.lt = lt or {}  # (a Matmul, which of its algorithms) by LtKey
+        self.lt_decisions = list(lt_decisions)
         # torch's products add into the bias in place (engine/linear.torch_linear)
         self.into_bias = into_bias
         self.decisions = list(decisions)  # what was measured, for logs and benchmarks
@@ -322,11 +332,25 @@ class SkinnyGemm:
         bias: torch.Tensor | None = None,
         prologue: Prologue | None = None,
     ) -> torch.Tensor:
-        kernel = self._kernel(x, w, bias, prologue or Prologue())
-        if kernel is None:
-            return unfused(x, w, bias, prologue or Prologue(), self.into_bias)
-        assert self.counters is not None  # a kernel is chosen only with counters
-        return skinny_matmul(x, w, bias, kernel, self.counters, prologue)
+        prologue = prologue or Prologue()
+        kernel = self._kernel(x, w, bias, prologue)
+        if kernel is not None:
+            assert self.counters is not None  # a kernel is chosen only with counters
+            return skinny_matmul(x, w, bias, kernel, self.counters, prologue)
+        if self.lt and x.is_cuda:
+            choice = self.lt.get(
+                (w.shape[0], w.shape[1], bias is not None, x.shape[0], prologue.kind)
+            )
+            if choice is not None:
+                rows = apply_prologue(x, prologue)
+                matmul, algo = choice
+                if matmul.fits(rows, w, bias):
+                    out = bias if self.into_bias and bias is not None else None
+                    if out is None:
+                        out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+                    return matmul(algo, rows, w, bias, out)
+                return torch_linear(rows, w, bias, self.into_bias)
+        return unfused(x, w, bias, prologue, self.into_bias)
 
     def _kernel(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, prologue: Prologue

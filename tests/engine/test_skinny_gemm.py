@@ -201,3 +201,48 @@ def test_fused_prologues_match_float64_on_the_gpu() -> None:
             for y in outputs:
                 assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
     assert not counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cublaslt_picks_match_float64_and_serve_their_rows_in_graphs() -> None:
+    """Every heuristic pick engine/cublaslt.py offers computes the product (with a
+    bias too), and SkinnyGemm sends the rows it was measured for to its pick: after a
+    norm prologue, or adding into the residual in place, inside a CUDA graph."""
+    from engine.cublaslt import Matmul
+    from engine.linear import Prologue
+
+    torch.manual_seed(2)
+    n, k = 1536, 1024
+    w = torch.randn(n, k, device="cuda").to(torch.bfloat16)
+    scale = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+    norm = Prologue(norm=scale, eps=1e-5)
+    for m in (16, 24):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        bias = torch.randn(m, n, device="cuda").to(torch.bfloat16)
+        r = x.double()
+        normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5) * scale.double()
+        for with_bias in (False, True):
+            matmul = Matmul(m, n, k, torch.bfloat16, with_bias, w.device)
+            assert matmul.algos
+            b = bias if with_bias else None
+            extra = bias.double() if with_bias else 0
+            ref = r @ w.double().T + extra
+            for algo in range(len(matmul.algos)):
+                y = matmul(algo, x, w, b, torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
+                assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, algo
+            kind = "" if with_bias else "norm"
+            key = (n, k, with_bias, m, kind)
+            linear = SkinnyGemm({}, into_bias=True, lt={key: (matmul, len(matmul.algos) - 1)})
+            prologue = None if with_bias else norm
+            expected = (r if with_bias else normed) @ w.double().T + extra
+            kept = bias.clone()
+            linear(x, w, kept if with_bias else None, prologue)  # warm up outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = linear(x, w, kept if with_bias else None, prologue)
+            kept.copy_(bias)
+            graph.replay()
+            assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-2
+            if with_bias:  # the residual stream itself, as torch's products leave it
+                assert y.data_ptr() == kept.data_ptr()
