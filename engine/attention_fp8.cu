@@ -12,6 +12,47 @@ typedef long long i64;
 #define STEPS (D / 16) /* 16-wide steps of the score product */
 #define TILES (D / 16) /* 16-dimension tiles of the value product */
 
+/* PDL (engine/pdl.py): let the next kernel on the stream start; wait until the kernel
+   before has finished and its writes are visible. No-ops in a launch without PDL. */
+__device__ __forceinline__ void pdl_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/* Keys from .. from + 63 (below end) of KV head kvh in `slot` into L2, a key a lane per
+   32 (its key and value rows, its factors): what may be read before pdl_wait(). No
+   kernel of the step writes a key before the newest, and a prefetch of the newest, as
+   the kernel before writes it, only puts in L2 what is there (L2 is where writes land;
+   nothing comes into L1). */
+__device__ __noinline__ void prefetch_keys(
+    const unsigned char *K, const unsigned char *V, const float *KS, const float *VS, i64 slot,
+    int kvh, int stride_ks, int stride_kt, int stride_kh, int stride_vs, int stride_vt,
+    int stride_vh, int stride_ss, int stride_st, i64 from, i64 end, int lane)
+{
+#if __CUDA_ARCH__ >= 900
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const i64 key = from + 32 * i + lane;
+        if (key < end) {
+            const unsigned char *k = K + slot * stride_ks + key * stride_kt + (i64)kvh * stride_kh;
+            const unsigned char *v = V + slot * stride_vs + key * stride_vt + (i64)kvh * stride_vh;
+            const i64 at = slot * stride_ss + key * stride_st + kvh;
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(k), "r"(D));
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(v), "r"(D));
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(KS + at));
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(VS + at));
+        }
+    }
+#endif
+}
+
 __device__ __forceinline__ void e4m3x4_to_f16x2(u32 w, u32 &lo, u32 &hi) {
     asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n"
         " cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
@@ -328,6 +369,7 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode(
     int stride_vs, int stride_vt, int stride_vh,
     int stride_ss, int stride_st, double scale_arg, u16 *Out, int stride_ob, int stride_oh)
 {
+    pdl_start();
     const int kvh = blockIdx.x, p = blockIdx.y, grid_warps = gridDim.y;
     const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
     const unsigned FULL = 0xffffffffu;
@@ -383,6 +425,18 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode(
         }
         __syncwarp();
     }
+    {
+        /* Up to here only the step's lengths (and slots, first row), which the step's
+           inputs hold; the first segment's keys go to L2 before the wait. */
+        const int pb = st[PB];
+        const i64 b = ROW(pb), length = ROW_LENGTH(pb);
+        const i64 from = (i64)(st[POS] - st[SEQ_START]) * KEYS;
+        if (from < length)
+            prefetch_keys(K, V, KS, VS, Slots[b], kvh, stride_ks, stride_kt, stride_kh,
+                          stride_vs, stride_vt, stride_vh, stride_ss, stride_st, from, length,
+                          lane);
+    }
+    pdl_wait();
     const float scale = (float)scale_arg * 1.4426950408889634f;  /* scores in log2 units */
     while (st[POS] < st[HI]) {
         {
@@ -497,6 +551,7 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode_split(
     int stride_vs, int stride_vt, int stride_vh,
     int stride_ss, int stride_st, double scale_arg, u16 *Out, int stride_ob, int stride_oh)
 {
+    pdl_start();
     const int kvh = blockIdx.x, pb = blockIdx.y, split = blockIdx.z;
     const int kv_heads = gridDim.x;
     const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
@@ -513,6 +568,11 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode_split(
     const i64 span = ((length + NSPLIT - 1) / NSPLIT + KEYS - 1) / KEYS * KEYS;
     const i64 start = split * span;
     const i64 first_row = ((i64)pb * kv_heads * GROUP + (i64)kvh * GROUP) * NSPLIT + split;
+    /* Before the wait, only the step's inputs (lengths, slots, first row) and older keys
+       into L2. */
+    prefetch_keys(K, V, KS, VS, slot, kvh, stride_ks, stride_kt, stride_kh, stride_vs, stride_vt,
+                  stride_vh, stride_ss, stride_st, start, min(start + span, length), lane);
+    pdl_wait();
     if (start >= length) {
         if (NSPLIT > 1 && t == 0 && g < GROUP) {
             Stats[(first_row + g * NSPLIT) * 2] = NEG_INF;

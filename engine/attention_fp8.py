@@ -38,6 +38,10 @@ Two ways of sharing the keys among warps, both one warp a block (`schedule` pick
   longer ones (batch 8: 14.0 against 15.5 us; benchmarks/results/notes-2026-11-29-
   gpu-session11.md).
 
+Both launch with PDL on sm_90+ (engine/pdl.launch_cuda): before waiting for the kernel
+before (the RoPE and cache write), a warp reads only the step's lengths, slots and first
+row, and sends its first keys' and values' rows to L2 (prefetches, nothing into L1).
+
 On an H200, batch 64 of 300-600 keys, 32 KV heads of 128, the split form (one split)
 took 69.6 us per layer against 133.3 for Triton's float8 kernel and 117.7 for bf16
 (benchmarks/results/fp8-attention-*-s10*.json). Rounding: relative error 1.7e-3 against
@@ -64,6 +68,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine import pdl
 
 log = logging.getLogger(__name__)
 
@@ -252,14 +258,14 @@ def decode_attention(
     if nsplit == 0:
         grid_warps = warps(kv_heads, dim, group, q.device)
         acc, stats, tickets = _workspace(k_cache, kv_heads, grid_warps, group, dim)
-        kernel(
-            grid=(kv_heads, grid_warps, 1),
-            block=(32, 1, 1),
-            args=[
+        pdl.launch_cuda(
+            kernel, (kv_heads, grid_warps, 1), (32, 1, 1),
+            [
                 q, k_cache, v_cache, k_scale, v_scale, slots, lengths, first,
                 q.shape[0], batch, MIN_WARP_BLOCKS, acc, stats, tickets,
                 q.stride(0), q.stride(1), *common,
             ],
+            q.device,
         )  # fmt: skip
         return
     if nsplit > 1:
@@ -267,13 +273,13 @@ def decode_attention(
         stats = torch.empty((batch, heads, nsplit, 2), dtype=torch.float32, device=q.device)
     else:
         acc = stats = out  # unread
-    kernel(
-        grid=(kv_heads, batch, nsplit),
-        block=(32, 1, 1),
-        args=[
+    pdl.launch_cuda(
+        kernel, (kv_heads, batch, nsplit), (32, 1, 1),
+        [
             q, k_cache, v_cache, k_scale, v_scale, slots, lengths, acc, stats, first,
             q.shape[0], q.stride(0), q.stride(1), *common,
         ],
+        q.device,
     )  # fmt: skip
     if nsplit > 1:
         merge_splits(acc, stats, out, first, q.shape[0], based is not None)

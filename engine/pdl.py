@@ -12,12 +12,15 @@ else is read, and anything at all is written, after it.
 Each of our kernels calls `wait` in every program, so a kernel finishes only after the
 one before it has; waiting on the previous kernel therefore waits on all earlier ones.
 A kernel launched without PDL (cuBLAS, torch) waits for everything before it, as usual.
-Graph capture keeps these launches as programmatic edges.
+Graph capture keeps these launches as programmatic edges. The CUDA kernels compiled at
+run time (engine/attention_fp8.py) launch the same way through `launch_cuda`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -72,3 +75,78 @@ def wait(PDL: tl.constexpr):
     """Wait until the kernel before this one has finished and its writes are visible."""
     if PDL:
         gdc_wait()
+
+
+# The driver's launch configuration (cuda.h: CUlaunchAttribute, CUlaunchConfig).
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared_mem", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)),
+        ("num_attrs", ctypes.c_uint),
+    ]
+
+
+@functools.cache
+def _driver() -> Any:
+    """libcuda's cuLaunchKernelEx (CUDA 12+), or None where it cannot be had."""
+    try:
+        from torch.cuda._utils import _get_gpu_runtime_library
+
+        return _get_gpu_runtime_library().cuLaunchKernelEx
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
+def launch_cuda(
+    kernel: Any,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+    args: Sequence[Any],
+    device: torch.device,
+) -> None:
+    """Launch a kernel of torch.cuda._compile_kernel's on the current stream, with PDL on
+    a GPU of compute capability 9+ (the kernel must execute griddepcontrol.wait before
+    it reads anything an earlier kernel writes, and before it writes anything), else as
+    that kernel launches itself. Arguments as it takes them: a tensor is its data
+    pointer, an int a C int, a float a C double."""
+    launch_ex = _driver()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not ALLOWED or launch_ex is None or torch.cuda.get_device_capability(index) < (9, 0):
+        kernel(grid=grid, block=block, args=list(args))
+        return
+    values: list[Any] = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            values.append(ctypes.c_void_p(arg.data_ptr()))
+        elif isinstance(arg, int):
+            values.append(ctypes.c_int(arg))
+        elif isinstance(arg, float):
+            values.append(ctypes.c_double(arg))
+        else:
+            raise TypeError(f"unsupported kernel argument {type(arg).__name__}")
+    pointers = (ctypes.c_void_p * len(values))(
+        *(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values)
+    )
+    attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attribute.value[0] = 1  # programmaticStreamSerializationAllowed
+    config = _LaunchConfig(
+        grid=(ctypes.c_uint * 3)(*grid),
+        block=(ctypes.c_uint * 3)(*block),
+        shared_mem=0,
+        stream=ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream),
+        attrs=ctypes.pointer(attribute),
+        num_attrs=1,
+    )
+    status = launch_ex(ctypes.byref(config), kernel.func, pointers, None)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {status}")
