@@ -398,9 +398,13 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) fp8_decode(
         /* at most as many warps as leave min_blocks to each (fewer keys: fewer warps,
            less merging) */
         const int warps = min(grid_warps, max(1, total / min_blocks));
-        if (p >= warps) return;
         const i64 lo = first_block(p, total, warps), hi = first_block(p + 1, total, warps);
-        if (lo >= hi) return;
+        if (p >= warps || lo >= hi) {
+            /* No keys for this warp; it still waits, so this kernel ends after the one
+               before it, whatever its warps have (a step of no keys: none). */
+            pdl_wait();
+            return;
+        }
         int cum = 0;
         for (int base = 0; base < batch; base += 32) {
             const int row = base + lane;

@@ -46,16 +46,19 @@ class _Heuristic(ctypes.Structure):  # cublasLtMatmulHeuristicResult_t
 
 @functools.cache
 def _library() -> Any:
-    """The cuBLASLt torch loaded (found by its soname, else in the process's maps)."""
+    """The cuBLASLt torch loaded (in the process's maps; else by its soname)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if "libcublasLt.so" in line:
+                    return ctypes.CDLL(line.split()[-1])
+    except OSError:
+        pass
     for name in ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11"):
         try:
             return ctypes.CDLL(name)
         except OSError:
             continue
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if "libcublasLt" in line:
-                return ctypes.CDLL(line.split()[-1])
     raise OSError("cuBLASLt is not loaded in this process")
 
 
@@ -72,10 +75,10 @@ def _handle(device_index: int) -> ctypes.c_void_p:
     return handle
 
 
-@functools.cache
-def _workspace(device_index: int) -> torch.Tensor:
-    """One workspace a device: the products run one after another on one stream."""
-    return torch.empty(WORKSPACE, dtype=torch.uint8, device=torch.device("cuda", device_index))
+def workspace(device: torch.device) -> torch.Tensor:
+    """A workspace for Matmul calls: calls that may overlap (other streams, another
+    engine) need their own; calls one after another on one stream can share one."""
+    return torch.empty(WORKSPACE, dtype=torch.uint8, device=device)
 
 
 def available(device: torch.device) -> bool:
@@ -155,9 +158,13 @@ class Matmul:
         w: torch.Tensor,
         bias: torch.Tensor | None,
         out: torch.Tensor,
+        space: torch.Tensor,
     ) -> torch.Tensor:
         """out = x @ w.T (+ bias) by the algo-th pick, on the current stream (out as
-        `fits` asks of the others, and allocated by torch: on ALIGN bytes)."""
+        `fits` asks of the others, and allocated by torch: on ALIGN bytes), with `space`
+        (a `workspace`) as its scratch."""
+        if space.numel() < WORKSPACE or space.device != out.device:
+            raise ValueError(f"the workspace must be {WORKSPACE} bytes on {out.device}")
         if (bias is not None) != self.bias:
             raise ValueError("this Matmul was built with bias" if self.bias else "without bias")
         w_layout, x_layout, y_layout = self._layouts
@@ -169,7 +176,7 @@ class Matmul:
                 ctypes.c_void_p(w.data_ptr()), w_layout, ctypes.c_void_p(x.data_ptr()), x_layout,
                 ctypes.byref(self._beta), ctypes.c_void_p(c.data_ptr()), y_layout,
                 ctypes.c_void_p(out.data_ptr()), y_layout, ctypes.byref(self.algos[algo].algo),
-                ctypes.c_void_p(_workspace(self.device_index).data_ptr()),
+                ctypes.c_void_p(space.data_ptr()),
                 ctypes.c_size_t(WORKSPACE), ctypes.c_void_p(stream),
             ),
             "matmul",

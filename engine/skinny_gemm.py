@@ -300,7 +300,7 @@ class SkinnyGemm:
     The plans run on `device`, where the split-K kernels' counters live: allocated once
     here, zero between calls, shared by every call (and every captured graph), which is
     safe as long as the calls run on one stream, one after another, as decode steps do.
-    The cuBLASLt picks share a workspace on the same terms.
+    The cuBLASLt picks share this dispatcher's workspace on the same terms.
     """
 
     def __init__(
@@ -316,6 +316,12 @@ class SkinnyGemm:
         self.plans = plans
         self.lt = lt or {}  # (a Matmul, which of its algorithms) by LtKey
         self.lt_decisions = list(lt_decisions)
+        self.lt_space: torch.Tensor | None = None  # their workspace, this dispatcher's own
+        if self.lt:
+            from engine.cublaslt import workspace
+
+            matmul = next(iter(self.lt.values()))[0]
+            self.lt_space = workspace(torch.device("cuda", matmul.device_index))
         # torch's products add into the bias in place (engine/linear.torch_linear)
         self.into_bias = into_bias
         self.decisions = list(decisions)  # what was measured, for logs and benchmarks
@@ -344,11 +350,11 @@ class SkinnyGemm:
             if choice is not None:
                 rows = apply_prologue(x, prologue)
                 matmul, algo = choice
-                if matmul.fits(rows, w, bias):
+                if matmul.fits(rows, w, bias) and self.lt_space is not None:
                     out = bias if self.into_bias and bias is not None else None
                     if out is None:
                         out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-                    return matmul(algo, rows, w, bias, out)
+                    return matmul(algo, rows, w, bias, out, self.lt_space)
                 return torch_linear(rows, w, bias, self.into_bias)
         return unfused(x, w, bias, prologue, self.into_bias)
 

@@ -209,7 +209,7 @@ def test_cublaslt_picks_match_float64_and_serve_their_rows_in_graphs() -> None:
     """Every heuristic pick engine/cublaslt.py offers computes the product (with a
     bias too), and SkinnyGemm sends the rows it was measured for to its pick: after a
     norm prologue, or adding into the residual in place, inside a CUDA graph."""
-    from engine.cublaslt import Matmul
+    from engine.cublaslt import Matmul, workspace
     from engine.linear import Prologue
 
     torch.manual_seed(2)
@@ -228,9 +228,15 @@ def test_cublaslt_picks_match_float64_and_serve_their_rows_in_graphs() -> None:
             b = bias if with_bias else None
             extra = bias.double() if with_bias else 0
             ref = r @ w.double().T + extra
+            space = workspace(w.device)
             for algo in range(len(matmul.algos)):
-                y = matmul(algo, x, w, b, torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
+                out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+                y = matmul(algo, x, w, b, out, space)
                 assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, algo
+                if with_bias:  # in place, as the engine adds into the residual stream
+                    kept = bias.clone()
+                    y = matmul(algo, x, w, kept, kept, space)
+                    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, algo
             kind = "" if with_bias else "norm"
             key = (n, k, with_bias, m, kind)
             linear = SkinnyGemm({}, into_bias=True, lt={key: (matmul, len(matmul.algos) - 1)})
