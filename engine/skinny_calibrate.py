@@ -190,6 +190,12 @@ def search(
     return trials
 
 
+def product_label(key: Key | LtKey) -> str:
+    """A product's weight shape, residual and prologue, for the logs: "(N, K) +bias glu"."""
+    n, k, with_bias, _rows, kind = key
+    return f"({n}, {k}){' +bias' if with_bias else ''}{' ' + kind if kind else ''}"
+
+
 @dataclass(frozen=True)
 class Decision:
     key: Key
@@ -201,11 +207,10 @@ class Decision:
         return self.best is not None and self.best.us < WIN_MARGIN * self.torch_us
 
     def __str__(self) -> str:
-        n, k, with_bias, bucket, kind = self.key
         best = f"{self.best.us:.1f} us [{self.best.kernel}]" if self.best else "none"
         return (
-            f"({n}, {k}){' +bias' if with_bias else ''}{' ' + kind if kind else ''}"
-            f" M<={bucket}: torch {self.torch_us:.1f} us, triton {best}"
+            f"{product_label(self.key)} M<={self.key[3]}: torch {self.torch_us:.1f} us,"
+            f" triton {best}"
             f" -> {'triton' if self.triton else 'torch'}"
         )
 
@@ -232,10 +237,9 @@ class LtDecision:
         return self.algo >= 0 and self.us < LT_MARGIN * self.torch_us
 
     def __str__(self) -> str:
-        n, k, with_bias, rows, kind = self.key
         return (
-            f"({n}, {k}){' +bias' if with_bias else ''}{' ' + kind if kind else ''}"
-            f" M={rows}: torch {self.torch_us:.1f} us, cuBLASLt pick {self.algo} "
+            f"{product_label(self.key)} M={self.key[3]}: torch {self.torch_us:.1f} us,"
+            f" cuBLASLt pick {self.algo} "
             f"{self.us:.1f} us -> {'cuBLASLt' if self.wins else 'torch'}"
         )
 
