@@ -250,7 +250,12 @@ def main() -> None:
     parser.add_argument("--model", default="", help="a real model folder instead of random weights")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--skip-hf", action="store_true", help="only lorabot's engine")
-    parser.add_argument("--prefill-chunk", type=int, default=512, help="[model] prefill_chunk")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=0,
+        help="[engine] prefill_chunk (0: the engine's default)",
+    )
     parser.add_argument("--conversations", type=int, default=9, help="10-turn chats timed")
     parser.add_argument(
         "--kv-cache", choices=["auto", "fp8"], default="auto", help="[engine] kv_cache"
@@ -289,8 +294,8 @@ def main() -> None:
         prefill_chunk=args.prefill_chunk,
         kv_cache=args.kv_cache,
     )
-    figures["prefill_chunk"] = args.prefill_chunk
     scheduler = engine._scheduler
+    figures["prefill_chunk"] = scheduler.prefill_chunk if scheduler is not None else None
     figures["kv_cache"] = "fp8" if scheduler is not None and scheduler.runner.kv_fp8 else "auto"
     if scheduler is not None:  # what engine start chose for the decode products
         linear = scheduler.runner.decode_linear

@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tiny", action="store_true", help="small random model on the CPU")
-    parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--prefill-chunk", type=int, default=0, help="0: the engine's default")
     parser.add_argument(
         "--kv-cache", choices=["auto", "fp8"], default="auto", help="[engine] kv_cache"
     )

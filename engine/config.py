@@ -70,12 +70,13 @@ class EngineConfig:
     threads: int = 0
     # Continuous batching (LLaMA-family models without quantization): sequences served at
     # once (0 = auto), tokens each can hold (0 = min(context, 4096)), rows per step while
-    # prompts wait (one per answering chat, the rest, at least half, prompt tokens), the
-    # decode step as CUDA graphs on a GPU, and the KV cache's element type ("auto": the
-    # model's; "fp8": float8 e4m3 with a factor per token and head, on sm_89+ GPUs).
+    # prompts wait (one per answering chat, the rest, at least half, prompt tokens; 0 =
+    # auto: 768 on a GPU, 512 on the CPU), the decode step as CUDA graphs on a GPU, and
+    # the KV cache's element type ("auto": the model's; "fp8": float8 e4m3 with a factor
+    # per token and head, on sm_89+ GPUs).
     slots: int = 0
     slot_tokens: int = 0
-    prefill_chunk: int = 512
+    prefill_chunk: int = 0
     cuda_graphs: bool = True
     kv_cache: KVCache = "auto"
     # Where answers come from: this process ("local") or an OpenAI-compatible server
@@ -109,7 +110,11 @@ class EngineConfig:
             ("threads", self.threads >= 0, ">= 0 (0 = all cores)"),
             ("slots", self.slots >= 0, ">= 0 (0 = auto)"),
             ("slot_tokens", self.slot_tokens == 0 or self.slot_tokens >= 64, "0 (auto) or >= 64"),
-            ("prefill_chunk", self.prefill_chunk >= 16, ">= 16"),
+            (
+                "prefill_chunk",
+                self.prefill_chunk == 0 or self.prefill_chunk >= 16,
+                "0 (auto) or >= 16",
+            ),
             ("base_url", url_ok, "an http(s):// URL with backend = 'openai'"),
             ("request_timeout_s", self.request_timeout_s > 0, "> 0"),
         ]

@@ -118,6 +118,23 @@ async def test_answering_chats_count_against_the_prefill_chunk(make_engine: Any)
     assert any(prompt == 13 for prompt, _ in busy), steps  # full steps: 13 + 3 rows
 
 
+async def test_the_cpu_computes_a_long_prompt_512_rows_a_step_by_default(make_engine: Any) -> None:
+    """prefill_chunk = 0 (the default) is 512 rows on the CPU (768 on a GPU)."""
+    engine = make_engine(slots=2)
+    runner = engine._scheduler.runner
+    rows: list[int] = []
+    forward = runner.forward
+
+    def recording(chunks: Any, decode: Any = ()) -> Any:
+        rows.append(sum(len(ids) for _, ids, _ in chunks) + len(decode))
+        return forward(chunks, decode)
+
+    runner.forward = recording
+    short = SamplingParams(max_new_tokens=2, temperature=0)
+    assert await engine.stream(chat("Summarise: " + "the sea is wide " * 150), short).collect()
+    assert rows[0] == 512 and len(rows) >= 2 and max(rows) == 512, rows
+
+
 async def test_a_head_size_the_gpu_kernels_do_not_take_still_batches_on_the_cpu(
     tokenizer: Any,
 ) -> None:

@@ -21,7 +21,7 @@ def test_every_problem_is_reported_at_once() -> None:
         parse_sections(
             {
                 "model": {"quantization": "3bit", "colour": "red"},
-                "engine": {"top_p": 1.5, "max_queue": "many"},
+                "engine": {"top_p": 1.5, "max_queue": "many", "prefill_chunk": 8},
                 "telegarm": {},
             },
             SECTIONS,
@@ -31,6 +31,7 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "[model] colour: unknown key" in message
     assert "[engine] top_p = 1.5: must be in (0, 1]" in message
     assert "[engine] max_queue = 'many': must be an integer" in message
+    assert "[engine] prefill_chunk = 8: must be 0 (auto) or >= 16" in message
     assert "[telegarm]: unknown section" in message
 
 
