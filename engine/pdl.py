@@ -12,6 +12,10 @@ else is read, and anything at all is written, after it.
 Each of our kernels calls `wait` in every program, so a kernel finishes only after the
 one before it has; waiting on the previous kernel therefore waits on all earlier ones.
 A kernel launched without PDL (cuBLAS, torch) waits for everything before it, as usual.
+cuBLAS's kernels must stay so: made to start early (programmatic edges set during graph
+capture), 32 of the 33 decode products checked on an H200 with cuBLAS 13 read their
+input before the kernel before them had written it (benchmarks/results/
+notes-2026-11-29-gpu-session13.md).
 Graph capture keeps these launches as programmatic edges. The CUDA kernels compiled at
 run time (engine/attention_fp8.py) launch the same way through `launch_cuda`.
 """
