@@ -68,11 +68,11 @@ def instrument(scheduler: batching.BatchScheduler, timer: Timer) -> dict[str, An
     host: dict[str, float] = defaultdict(float)
     accepted: dict[int, list[float]] = defaultdict(list)
     log: list[tuple[float, str, int]] = []
-    prefill, launch, publish, accept = (
+    prefill, launch, publish, emit = (
         scheduler._prefill_step,
         scheduler._launch,
         scheduler._publish,
-        scheduler._accept,
+        scheduler._emit,
     )
 
     def timed_prefill() -> None:
@@ -102,14 +102,14 @@ def instrument(scheduler: batching.BatchScheduler, timer: Timer) -> dict[str, An
         host["publish_s"] += time.perf_counter() - started
         log.append((time.perf_counter(), "published", len(step.batch)))
 
-    def timed_accept(seq: Any, token: int) -> bool:
+    def timed_emit(seq: Any, token: int) -> bool:  # when a token reaches its stream
         accepted[id(seq)].append(time.perf_counter())
-        return accept(seq, token)
+        return emit(seq, token)
 
     scheduler._prefill_step = timed_prefill  # type: ignore[method-assign]
     scheduler._launch = timed_launch  # type: ignore[method-assign]
     scheduler._publish = timed_publish  # type: ignore[method-assign]
-    scheduler._accept = timed_accept  # type: ignore[method-assign]
+    scheduler._emit = timed_emit  # type: ignore[method-assign]
     return {"host": host, "accepted": accepted, "log": log}
 
 

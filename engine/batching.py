@@ -19,7 +19,11 @@ finished at step t has had step t+1 run for it too: that row is dropped unseen (
 streamed, counted or recorded as slot content). Steps chain while the batch stays
 the same, or loses only rows that end by length at step t (known before it is read:
 step t+1 runs for the others); a prefill, a cancellation or a stop (seen only once step
-t is read) drains the pipeline first.
+t is read) drains the pipeline first. A mixed step's tokens are read at once (the next
+step's rows depend on them: who finished its prompt, who stopped at a stop id or its
+length), but detokenized and streamed only after the next step is queued, so the device
+does not wait for that either; a stop string found then has had one more row run for it,
+dropped unseen as above.
 """
 
 from __future__ import annotations
@@ -122,6 +126,9 @@ class BatchScheduler:
         # The step launched but not yet read. Pipelining pays only where the device runs
         # ahead of the host (CUDA); on the CPU it would just delay each token by a step.
         self._pending: DecodeStep | None = None
+        # A mixed step's tokens, read and counted but not yet streamed (pipelined only):
+        # published once the next step is queued.
+        self._deferred: list[tuple[Sequence, int]] = []
         self.pipelined = runner.device.type == "cuda" if pipelined is None else pipelined
         self.overlapped_steps = 0  # decode steps launched before the previous was read
         self._active = 0
@@ -162,6 +169,8 @@ class BatchScheduler:
                     self._prefill_step()  # decoding sequences advance in it too
                 elif self.decoding or self._pending is not None:
                     self._decode_step()
+                else:
+                    self._flush()  # the last mixed step's tokens: nothing runs after it
 
     def _admit(self, requests: queue.Queue[Request | None]) -> bool:
         """Move queued requests into free slots; block when there is nothing to do.
@@ -243,6 +252,7 @@ class BatchScheduler:
             [(seq.slot, piece, seq.cached) for seq, piece in chunks],
             [(s.next_token, s.slot, s.position) for s in decoding],
         )
+        self._flush()  # the previous mixed step's tokens, while the device runs this one
         done: list[tuple[Sequence, int]] = []
         for row, (seq, piece) in enumerate(chunks):
             self.slots[seq.slot].tokens.extend(piece)
@@ -263,10 +273,26 @@ class BatchScheduler:
             [seq.generator for seq in sampled],
         ).tolist()
         first, after = tokens[: len(done)], tokens[len(done) :]
-        self._hand_out(decoding, after)
+        if not self.pipelined:
+            self._hand_out(decoding, after)
+            for (seq, _row), token in zip(done, first, strict=True):
+                if self._accept(seq, token):
+                    self.decoding.append(seq)
+            return
+        # Pipelined: what the next step needs now, the text once it is queued (_flush).
+        for seq, token in zip(decoding, after, strict=True):
+            if seq.finished:
+                continue  # stopped by a stop string found after this step was queued
+            self.slots[seq.slot].tokens.append(seq.next_token)
+            seq.position += 1
+            if self._take(seq, token):
+                self._deferred.append((seq, token))
         for (seq, _row), token in zip(done, first, strict=True):
-            if self._accept(seq, token):
+            if self._take(seq, token):
+                self._deferred.append((seq, token))
                 self.decoding.append(seq)
+        # Those at their length finish once their token is streamed; no step runs for them.
+        self.decoding = [s for s in self.decoding if not s.finished and not self._ending(s)]
 
     def _decode_step(self) -> None:
         """Queue the next decode step, then publish the previous one while the device runs
@@ -279,6 +305,7 @@ class BatchScheduler:
             if going_on:
                 self._pending = self._launch(going_on, after=previous)
                 self.overlapped_steps += 1
+            self._flush()  # (empty here: a mixed step drains the pipeline first)
             self._publish(previous)
             if not self.decoding:
                 self._pending = None  # every row has finished: nothing to read there
@@ -286,8 +313,10 @@ class BatchScheduler:
         if previous is not None:
             self._publish(previous)
         if not self.decoding:
+            self._flush()
             return
         step = self._launch(self.decoding)
+        self._flush()  # a mixed step's tokens, while the device runs this one
         if self.pipelined:
             self._pending = step
         else:
@@ -373,21 +402,43 @@ class BatchScheduler:
 
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Publish one sampled token; False when the sequence has finished."""
+        return self._take(seq, token) and self._emit(seq, token)
+
+    def _take(self, seq: Sequence, token: int) -> bool:
+        """Count a sampled token as the sequence's next (False: a stop id ended it)."""
         if not seq.first_token_at:
             seq.first_token_at = time.perf_counter()
         if token in self.stop_token_ids:
             return self._finish(seq, "stop")
         seq.generated.append(token)
         self.tokens_generated += 1
+        seq.next_token = token
+        return True
+
+    def _emit(self, seq: Sequence, token: int) -> bool:
+        """Stream a taken token's text; False when the sequence has finished (a stop
+        string, its budget or the end of its slot)."""
         out = seq.stops.push(seq.decoder.push(token))
         seq.text.append(out)
         seq.request.stream.push(out)
         if seq.stops.stopped:
             return self._finish(seq, "stop")
-        if len(seq.generated) >= seq.budget or seq.position >= self.runner.slot_tokens:
+        if self._ending(seq):
             return self._finish(seq, "length")
-        seq.next_token = token
         return True
+
+    def _ending(self, seq: Sequence) -> bool:
+        """Whether the sequence's last token is its last (its budget, its slot's end)."""
+        return len(seq.generated) >= seq.budget or seq.position >= self.runner.slot_tokens
+
+    def _flush(self) -> None:
+        """Stream the tokens a mixed step read but did not stream yet (in order)."""
+        deferred, self._deferred = self._deferred, []
+        for seq, token in deferred:
+            if not seq.finished:
+                self._emit(seq, token)
+        if deferred:
+            self.decoding = [s for s in self.decoding if not s.finished]
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> bool:
         seq.finished = True
@@ -416,6 +467,8 @@ class BatchScheduler:
         return False
 
     def _drop_cancelled(self) -> None:
+        if any(s.request.stream.cancelled for s, _ in self._deferred):
+            self._flush()  # their tokens before their end
         if any(s.request.stream.cancelled for s in self.decoding):
             self._drain()  # the step in flight holds their last token: read it first
         for group in (self.prefilling, self.decoding):
@@ -424,9 +477,12 @@ class BatchScheduler:
                 self._finish(seq, "cancelled")
 
     def _fail_all(self, error: EngineError) -> None:
-        in_flight = self.prefilling + self.decoding
+        listed = {id(s) for s in self.prefilling + self.decoding}
+        ending = [s for s, _ in self._deferred if not s.finished and id(s) not in listed]
+        in_flight = self.prefilling + self.decoding + ending
         self.prefilling.clear()
         self.decoding.clear()
+        self._deferred.clear()
         self._pending = None
         self._active = 0
         for seq in in_flight:

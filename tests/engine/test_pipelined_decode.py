@@ -256,6 +256,38 @@ async def test_a_crowd_with_stop_tokens_mid_reply(engines: Engines) -> None:
     await compare_crowd(engines, [full.token_ids[first_new_token(full.token_ids, 5)]])
 
 
+async def test_a_reply_that_ends_at_its_first_token_is_not_held_back(engines: Engines) -> None:
+    """Its only token comes from the prompt's step, and no step follows it to stream it
+    behind: it must still arrive, as without pipelining."""
+    one = replace(GREEDY, max_new_tokens=1)
+    plain = await answer(engines.make(False), chat(QUESTIONS[1]), one)
+    ours = await asyncio.wait_for(answer(engines.make(True), chat(QUESTIONS[1]), one), 30)
+    assert ours == plain and ours[1].completion_tokens == 1
+
+
+async def test_a_crowd_with_stop_strings_found_after_the_next_step_was_queued(
+    engines: Engines,
+) -> None:
+    """A stop string is seen only once a token is detokenized, which for a token of a
+    mixed step (every first token, and every token while others' prompts are computed)
+    happens after the next step was queued: nothing past the stop is streamed, counted
+    or recorded, as without pipelining."""
+    base = engines.make(False)
+    _, full = await answer(base, chat(QUESTIONS[2]), GREEDY)
+    _, opening = await answer(base, chat("Name a colour."), replace(GREEDY, max_new_tokens=1))
+    middle = full.text[len(full.text) // 2 :][:3]
+    stops = tuple(t for t in (middle, opening.text.strip()[:2]) if t.strip())
+    assert stops
+    crowd_params = [(q, replace(p, stop=stops)) for q, p in MIXED]
+    alone_engine = engines.make(False)
+    alone = [await answer(alone_engine, chat(q), p) for q, p in crowd_params]
+    crowd = engines.make(True, slots=3)
+    together = await asyncio.gather(*(answer(crowd, chat(q), p) for q, p in crowd_params))
+    assert list(together) == alone
+    assert sum(c.finish_reason == "stop" for _, c in alone) >= 2
+    assert crowd.tokens_generated == sum(c.completion_tokens for _, c in alone)
+
+
 async def test_next_turn_after_a_pipelined_reply_reuses_the_slot_correctly(
     engines: Engines,
 ) -> None:
