@@ -184,6 +184,7 @@ class BatchScheduler:
             except queue.Empty:
                 return True
             if request is None:
+                self._flush()  # what was read is streamed, as without pipelining
                 self._fail_all(EngineError("the engine is shutting down"))
                 return False
             if not request.stream.cancelled:
@@ -285,14 +286,23 @@ class BatchScheduler:
                 continue  # stopped by a stop string found after this step was queued
             self.slots[seq.slot].tokens.append(seq.next_token)
             seq.position += 1
-            if self._take(seq, token):
-                self._deferred.append((seq, token))
+            self._take_deferred(seq, token)
         for (seq, _row), token in zip(done, first, strict=True):
-            if self._take(seq, token):
-                self._deferred.append((seq, token))
+            if self._take_deferred(seq, token):
                 self.decoding.append(seq)
-        # Those at their length finish once their token is streamed; no step runs for them.
-        self.decoding = [s for s in self.decoding if not s.finished and not self._ending(s)]
+        self.decoding = [s for s in self.decoding if not s.finished]
+
+    def _take_deferred(self, seq: Sequence, token: int) -> bool:
+        """A mixed step's token, pipelined: counted now, streamed by the next _flush;
+        a sequence's last token (its length) is streamed at once, which ends it and
+        frees its slot for a waiting request before the next admission. Returns whether
+        the sequence goes on."""
+        if not self._take(seq, token):
+            return False
+        if self._ending(seq):
+            return self._emit(seq, token)  # False: it ends here
+        self._deferred.append((seq, token))
+        return True
 
     def _decode_step(self) -> None:
         """Queue the next decode step, then publish the previous one while the device runs
@@ -406,9 +416,9 @@ class BatchScheduler:
 
     def _take(self, seq: Sequence, token: int) -> bool:
         """Count a sampled token as the sequence's next (False: a stop id ended it)."""
-        if not seq.first_token_at:
-            seq.first_token_at = time.perf_counter()
         if token in self.stop_token_ids:
+            if not seq.first_token_at:
+                seq.first_token_at = time.perf_counter()
             return self._finish(seq, "stop")
         seq.generated.append(token)
         self.tokens_generated += 1
@@ -418,6 +428,8 @@ class BatchScheduler:
     def _emit(self, seq: Sequence, token: int) -> bool:
         """Stream a taken token's text; False when the sequence has finished (a stop
         string, its budget or the end of its slot)."""
+        if not seq.first_token_at:
+            seq.first_token_at = time.perf_counter()
         out = seq.stops.push(seq.decoder.push(token))
         seq.text.append(out)
         seq.request.stream.push(out)
@@ -432,13 +444,16 @@ class BatchScheduler:
         return len(seq.generated) >= seq.budget or seq.position >= self.runner.slot_tokens
 
     def _flush(self) -> None:
-        """Stream the tokens a mixed step read but did not stream yet (in order)."""
-        deferred, self._deferred = self._deferred, []
-        for seq, token in deferred:
+        """Stream the tokens a mixed step read but did not stream yet (in order). Each
+        leaves the list once streamed: if streaming fails, the rest are still there."""
+        if not self._deferred:
+            return
+        while self._deferred:
+            seq, token = self._deferred[0]
             if not seq.finished:
                 self._emit(seq, token)
-        if deferred:
-            self.decoding = [s for s in self.decoding if not s.finished]
+            del self._deferred[0]
+        self.decoding = [s for s in self.decoding if not s.finished]
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> bool:
         seq.finished = True
@@ -467,19 +482,21 @@ class BatchScheduler:
         return False
 
     def _drop_cancelled(self) -> None:
-        if any(s.request.stream.cancelled for s, _ in self._deferred):
+        # One look at who cancelled: a cancel landing meanwhile waits for the next round.
+        cancelled = {id(s) for s in self.prefilling + self.decoding if s.request.stream.cancelled}
+        if not cancelled:
+            return
+        if any(id(s) in cancelled for s, _ in self._deferred):
             self._flush()  # their tokens before their end
-        if any(s.request.stream.cancelled for s in self.decoding):
+        if any(id(s) in cancelled for s in self.decoding):
             self._drain()  # the step in flight holds their last token: read it first
         for group in (self.prefilling, self.decoding):
-            for seq in [s for s in group if s.request.stream.cancelled]:
+            for seq in [s for s in group if id(s) in cancelled and not s.finished]:
                 group.remove(seq)  # its slot keeps exactly the KV written so far
                 self._finish(seq, "cancelled")
 
     def _fail_all(self, error: EngineError) -> None:
-        listed = {id(s) for s in self.prefilling + self.decoding}
-        ending = [s for s, _ in self._deferred if not s.finished and id(s) not in listed]
-        in_flight = self.prefilling + self.decoding + ending
+        in_flight = self.prefilling + self.decoding  # every deferred sequence is decoding
         self.prefilling.clear()
         self.decoding.clear()
         self._deferred.clear()

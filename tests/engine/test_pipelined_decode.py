@@ -53,6 +53,7 @@ class Engines:
         stop_ids: Sequence[int] | None = None,
         slots: int = 1,
         slot_tokens: int = 0,
+        prefill_chunk: int = 0,
     ) -> LocalEngine:
         fmt = make_chat_format(self.chat_format, self.tokenizer)
         if stop_ids is not None:
@@ -64,6 +65,7 @@ class Engines:
             context_window=1024,
             slots=slots,
             slot_tokens=slot_tokens,
+            prefill_chunk=prefill_chunk,
             max_queue=16,
         )
         assert engine._scheduler is not None
@@ -286,6 +288,69 @@ async def test_a_crowd_with_stop_strings_found_after_the_next_step_was_queued(
     assert list(together) == alone
     assert sum(c.finish_reason == "stop" for _, c in alone) >= 2
     assert crowd.tokens_generated == sum(c.completion_tokens for _, c in alone)
+
+
+LONG = "Read this: " + "the sea is wide and " * 12
+
+
+async def test_stop_strings_met_while_prompts_are_still_computed(
+    engines: Engines,
+) -> None:
+    """Long prompts in 16-row steps keep mixed steps going while the first chats answer,
+    so stop strings fall on tokens streamed only after the next mixed step was queued:
+    the same answers, counts and slot records as each chat alone."""
+    base = engines.make(False)
+    _, full = await answer(base, chat(LONG + QUESTIONS[2]), GREEDY)
+    stops = (full.text[len(full.text) // 3 :][:3],)
+    crowd_params = [(LONG + q, replace(p, stop=stops)) for q, p in MIXED]
+    alone_engine = engines.make(False)
+    alone, records = [], {}
+    for q, p in crowd_params:
+        alone.append(await answer(alone_engine, chat(q), p))
+        records[q] = recorded(alone_engine)[0]
+    crowd = engines.make(True, slots=3, prefill_chunk=16)
+    scheduler = crowd._scheduler
+    assert scheduler is not None
+    finished, finish = [], scheduler._finish
+
+    def noting(seq: Any, reason: Any) -> bool:
+        finished.append((reason, bool(scheduler.prefilling)))
+        return finish(seq, reason)
+
+    scheduler._finish = noting  # type: ignore[method-assign]
+    together = await asyncio.gather(*(answer(crowd, chat(q), p) for q, p in crowd_params))
+    assert list(together) == alone
+    assert crowd.tokens_generated == sum(c.completion_tokens for _, c in alone)
+    assert ("stop", True) in finished, finished  # a stop met while prompts still waited
+    for record in recorded(crowd):  # each slot: the last chat it served, as alone
+        owner = [q for q, _ in crowd_params if record[: len(crowd.chat_format.encode(chat(q)))]
+                 == crowd.chat_format.encode(chat(q))]  # fmt: skip
+        assert len(owner) == 1 and record == records[owner[0]]
+
+
+async def test_cancelling_while_prompts_are_computed_ends_the_reply_once(
+    engines: Engines,
+) -> None:
+    engine = engines.make(True, slots=2, prefill_chunk=16)
+    talking = engine.stream(chat("go on"), replace(GREEDY, max_new_tokens=900))
+    async for delta in talking:
+        if delta:
+            break
+    # A long prompt keeps the steps mixed (its 16-row pieces) while the first is cancelled.
+    waiting = asyncio.create_task(answer(engine, chat(LONG * 3 + "hi"), GREEDY))
+    await asyncio.sleep(0)
+    talking.cancel()
+    for _ in range(500):
+        if talking.completion is not None:
+            break
+        await asyncio.sleep(0.01)
+    done = talking.completion
+    assert done is not None and done.finish_reason == "cancelled"
+    later = await asyncio.wait_for(waiting, timeout=30)
+    assert later == await answer(engines.make(False), chat(LONG * 3 + "hi"), GREEDY)
+    prompt = engine.chat_format.encode(chat("go on"))
+    records = recorded(engine)
+    assert prompt + list(done.token_ids[:-1]) in records or prompt + list(done.token_ids) in records
 
 
 async def test_next_turn_after_a_pipelined_reply_reuses_the_slot_correctly(
