@@ -408,7 +408,7 @@ class BatchScheduler:
     def _seen(self, seq: Sequence) -> torch.Tensor | None:
         if seq.request.params.repetition_penalty == 1.0:
             return None
-        return upload(seq.prompt + seq.generated, self.runner.device)
+        return upload(seq.prompt + seq.generated, self.runner.device, torch.long)
 
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Publish one sampled token; False when the sequence has finished."""

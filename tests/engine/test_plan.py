@@ -47,3 +47,23 @@ def test_padded_plans_have_one_shape_whatever_their_rows() -> None:
     assert plan.decode_first.tolist() == [4] and other.decode_first.tolist() == [9]
     assert plan.varlen is not None and plan.varlen.cu_q.tolist() == [0, 3, 4, 4, 4, 4, 4]
     assert plan.varlen.used.tolist() == [3, 41, 0, 0, 0, 0]
+
+
+def test_index_lists_reach_the_device_as_torch_tensor_would_make_them() -> None:
+    """upload's fast path for int lists (the array module) gives torch.tensor's result:
+    every value, the dtype, an empty list, values past 2**31 in int64."""
+    from engine.sampling_batch import upload
+
+    cases: list[tuple[list[int], torch.dtype]] = [
+        ([], torch.int32),
+        ([7], torch.int32),
+        (list(range(-5, 4000)), torch.int32),
+        ([2**31 + 5, -(2**40), 3], torch.int64),
+    ]
+    for values, dtype in cases:
+        got = upload(values, torch.device("cpu"), dtype)
+        assert got.dtype == dtype and got.tolist() == values
+    plan = Plan.build(
+        [(5, list(range(1000, 1700)), 0)], DECODE, torch.device("cpu"), varlen=True, slot_tokens=128
+    )
+    assert plan.tokens.tolist() == list(range(1000, 1700)) + [31, 32]
