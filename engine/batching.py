@@ -127,7 +127,8 @@ class BatchScheduler:
         # ahead of the host (CUDA); on the CPU it would just delay each token by a step.
         self._pending: DecodeStep | None = None
         # A mixed step's tokens, read and counted but not yet streamed (pipelined only):
-        # published once the next step is queued.
+        # published once the next step is queued. Each of their sequences is decoding
+        # (a reply's last token is streamed at once), so a next step always comes.
         self._deferred: list[tuple[Sequence, int]] = []
         self.pipelined = runner.device.type == "cuda" if pipelined is None else pipelined
         self.overlapped_steps = 0  # decode steps launched before the previous was read
@@ -169,8 +170,6 @@ class BatchScheduler:
                     self._prefill_step()  # decoding sequences advance in it too
                 elif self.decoding or self._pending is not None:
                     self._decode_step()
-                else:
-                    self._flush()  # the last mixed step's tokens: nothing runs after it
 
     def _admit(self, requests: queue.Queue[Request | None]) -> bool:
         """Move queued requests into free slots; block when there is nothing to do.
@@ -315,7 +314,6 @@ class BatchScheduler:
             if going_on:
                 self._pending = self._launch(going_on, after=previous)
                 self.overlapped_steps += 1
-            self._flush()  # (empty here: a mixed step drains the pipeline first)
             self._publish(previous)
             if not self.decoding:
                 self._pending = None  # every row has finished: nothing to read there
@@ -323,7 +321,6 @@ class BatchScheduler:
         if previous is not None:
             self._publish(previous)
         if not self.decoding:
-            self._flush()
             return
         step = self._launch(self.decoding)
         self._flush()  # a mixed step's tokens, while the device runs this one

@@ -111,6 +111,15 @@ def first_new_token(ids: Sequence[int], start: int) -> int:
     return next(k for k in range(start, len(ids)) if ids[k] not in ids[:k])
 
 
+async def ended(stream: Any) -> Completion | None:
+    """The stream's completion once the engine has ended it (a few seconds at most)."""
+    for _ in range(500):
+        if stream.completion is not None:
+            break
+        await asyncio.sleep(0.01)
+    return stream.completion
+
+
 def recorded(engine: LocalEngine) -> list[list[int]]:
     """What each slot says its KV holds (what prefix reuse trusts)."""
     assert engine._scheduler is not None
@@ -187,11 +196,7 @@ async def test_cancelling_mid_reply_frees_the_slot_and_the_next_answer_is_right(
     async for delta in long_one:
         if delta:
             break  # the user went away
-    for _ in range(500):
-        if long_one.completion is not None:
-            break
-        await asyncio.sleep(0.01)
-    done = long_one.completion
+    done = await ended(long_one)
     assert done is not None and done.finish_reason == "cancelled"
     assert done.completion_tokens < 900
     # The slot records the prompt and the reply up to the last token whose KV was written.
@@ -340,11 +345,7 @@ async def test_cancelling_while_prompts_are_computed_ends_the_reply_once(
     waiting = asyncio.create_task(answer(engine, chat(LONG * 3 + "hi"), GREEDY))
     await asyncio.sleep(0)
     talking.cancel()
-    for _ in range(500):
-        if talking.completion is not None:
-            break
-        await asyncio.sleep(0.01)
-    done = talking.completion
+    done = await ended(talking)
     assert done is not None and done.finish_reason == "cancelled"
     later = await asyncio.wait_for(waiting, timeout=30)
     assert later == await answer(engines.make(False), chat(LONG * 3 + "hi"), GREEDY)
