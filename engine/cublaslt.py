@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -92,6 +93,13 @@ def available(device: torch.device) -> bool:
     return True
 
 
+def _destroy(desc: ctypes.c_void_p, layouts: list[ctypes.c_void_p]) -> None:
+    lib = _library()
+    for layout in layouts:
+        lib.cublasLtMatrixLayoutDestroy(layout)
+    lib.cublasLtMatmulDescDestroy(desc)
+
+
 class Matmul:
     """y (m, n) = x (m, k) @ w (n, k).T (+ bias (m, n)) for one shape and dtype, by any
     of cuBLASLt's first ALGOS heuristic picks (`algos` of them were offered). x, w,
@@ -148,6 +156,9 @@ class Matmul:
         )  # fmt: skip
         lib.cublasLtMatmulPreferenceDestroy(preference)
         self.algos = [found[i] for i in range(count.value) if found[i].state == 0]
+        # The descriptors are host objects read at each call, not by graphs captured
+        # with it: freed with the Matmul (calibration drops the picks that lose).
+        self.close = weakref.finalize(self, _destroy, self._desc, list(self._layouts))
         self._alpha = ctypes.c_float(1.0)
         self._beta = ctypes.c_float(1.0 if bias else 0.0)
 

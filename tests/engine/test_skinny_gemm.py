@@ -4,6 +4,8 @@ torch fallback. The GPU tests are skipped without CUDA."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -252,3 +254,13 @@ def test_cublaslt_picks_match_float64_and_serve_their_rows_in_graphs() -> None:
             assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-2
             if with_bias:  # the residual stream itself, as torch's products leave it
                 assert y.data_ptr() == kept.data_ptr()
+            # The graph keeps working once the Matmul (and its descriptors) are gone.
+            close = matmul.close
+            del linear, matmul
+            gc.collect()
+            assert not close.alive
+            kept.copy_(bias)
+            if not with_bias:
+                y.zero_()  # so the replay must write it again
+            graph.replay()
+            assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-2
