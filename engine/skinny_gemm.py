@@ -351,8 +351,9 @@ class SkinnyGemm:
                 rows = apply_prologue(x, prologue)
                 matmul, algo = choice
                 if matmul.fits(rows, w, bias) and self.lt_space is not None:
-                    out = bias if self.into_bias and bias is not None else None
-                    if out is None:
+                    if self.into_bias and bias is not None:
+                        out = bias  # in place, as torch's products here
+                    else:
                         out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
                     return matmul(algo, rows, w, bias, out, self.lt_space)
                 return torch_linear(rows, w, bias, self.into_bias)
